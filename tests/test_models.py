@@ -7,7 +7,6 @@
 """
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +22,6 @@ MODEL_NAMES = [k for k in ZOO if not k.startswith("_")]
 MODEL_FIXTURES = sorted(p.name for p in FIXTURES.glob("model_*.npz"))
 # MANIFEST: model outputs rtol 1e-4 / atol 1e-4.
 RTOL, ATOL = 1e-4, 1e-4
-
-
-def _param_count(tree) -> int:
-  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _abstract_apply(name: str, num_classes: int, hw: int):
@@ -55,8 +50,7 @@ def test_unknown_model_lists_valid_names():
 def test_parameter_counts_and_shapes(name):
   entry = ZOO[name]
   for num_classes in (100, 200):
-    variables, _ = _abstract_apply(name, num_classes, 32)
-    assert _param_count(variables["params"]) == entry[f"params_num_classes_{num_classes}"], (
+    assert models.parameter_count(name, num_classes) == entry[f"params_num_classes_{num_classes}"], (
         f"{name} with {num_classes} classes")
   for hw in (32, 64):
     reference = entry[f"input_{hw}x{hw}"]["is_feat"]
@@ -128,8 +122,12 @@ def test_forward_train_matches_reference(model_case):
   name, f, model, x, variables, apply = model_case
   feats, updated = apply(variables, x, train=True, mutable=("batch_stats",))
   assert_close(feats.logits, f["out.train.logits"], RTOL, ATOL, f"{name} train logits")
-  for i, ours_i in enumerate(_feature_list(feats)):
-    assert_close(ours_i, nchw_to_nhwc(f[f"out.train.feat.{i}"]), RTOL, ATOL, f"{name} train feat[{i}]")
+  # Some fixtures store only the last train-mode features (size budget).
+  stored = [i for i in range(len(_feature_list(feats))) if f"out.train.feat.{i}" in f]
+  assert stored, f"{name}: fixture has no train-mode features"
+  for i in stored:
+    assert_close(_feature_list(feats)[i], nchw_to_nhwc(f[f"out.train.feat.{i}"]), RTOL, ATOL,
+                 f"{name} train feat[{i}]")
   # Running statistics after one train-mode call: the reference's buffers,
   # mapped through the same importer as the weights.
   after = dict(with_prefix(f, "w."))
@@ -140,3 +138,16 @@ def test_forward_train_matches_reference(model_case):
   assert len(flat_ours) == len(flat_expected)
   for path, value in flat_ours:
     assert_close(value, flat_expected[path], RTOL, 1e-5, f"{name} batch_stats {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("teacher, student, num_classes, ratio", [
+    # Seed README Table 1 (CIFAR-100) and Table 2 (Tiny-ImageNet, 200 classes).
+    ("wrn_40_2", "wrn_16_2", 100, 3.21), ("wrn_40_2", "wrn_40_1", 100, 3.96),
+    ("resnet56", "resnet20", 100, 3.1), ("resnet110", "resnet20", 100, 6.24),
+    ("resnet110", "resnet32", 100, 3.67), ("resnet32x4", "resnet8x4", 100, 6.03),
+    ("vgg13", "vgg8", 100, 2.39), ("vgg19", "vgg8", 200, 5.01), ("vgg16", "vgg11", 200, 1.59),
+    ("ResNet34", "ResNet10", 200, 4.28), ("ResNet50", "ResNet10", 200, 4.78),
+])
+def test_compression_ratios_of_the_papers_tables(teacher, student, num_classes, ratio):
+  ours = models.parameter_count(teacher, num_classes) / models.parameter_count(student, num_classes)
+  assert round(ours, 2) == pytest.approx(ratio, abs=0.006)

@@ -5,7 +5,8 @@
 """
 
 from cktf_jax.models.features import Features
-from cktf_jax.models.registry import check_model_name, create_model, model_names, register_model
+from cktf_jax.models.registry import (abstract_variables, check_model_name, create_model,
+                                      model_names, parameter_count, register_model)
 
 # Architecture modules register themselves on import, in the reference's order.
 from cktf_jax.models import resnet  # noqa: F401  resnet8..resnet110, resnet8x4, resnet32x4, resnet5, resnet5x4, resnet17x4
@@ -20,6 +21,7 @@ from cktf_jax.models.torch_checkpoint import load_torch_checkpoint
 from cktf_jax.models.torch_import import state_dict_to_variables
 
 __all__ = [
-    "Features", "create_model", "model_names", "check_model_name", "register_model",
+    "Features", "abstract_variables", "check_model_name", "create_model", "model_names",
+    "parameter_count", "register_model",
     "load_torch_checkpoint", "state_dict_to_variables",
 ]

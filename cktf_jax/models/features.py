@@ -40,3 +40,11 @@ class Features:
   blocks: Tuple[Tuple[Array, ...], ...]
   pooled: Array
   logits: Array
+
+  def as_reference_list(self) -> Tuple[Array, ...]:
+    """The reference's ``feat`` list: ``[f0, f1, ..., fk, pooled]``.
+
+    For options that index it the way the reference does (e.g. FitNet's
+    ``--hint_layer``, FSP's ``feat[:-1]``, FT's ``feat[-2]``).
+    """
+    return (self.stem, *self.stages, self.pooled)

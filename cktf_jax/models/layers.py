@@ -91,11 +91,12 @@ class BatchNorm(nn.Module):
 
   momentum: float = 0.1
   epsilon: float = 1e-5
+  scale_init: nn.initializers.Initializer = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x: Array, train: bool, mask: Optional[Array] = None) -> Array:
     channels = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (channels,))
+    scale = self.param("scale", self.scale_init, (channels,))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
     running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
     running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
@@ -172,10 +173,10 @@ def check_input_size(model_name: str, x: Array, allowed: Sequence[int]) -> None:
 
   Called at trace time, so the user sees it before anything compiles.
   """
-  h, w = x.shape[1:3]
   if x.ndim != 4 or x.shape[-1] != 3:
     raise ValueError(
         f"{model_name} expects NHWC RGB images [N, H, W, 3]; got shape {x.shape}.")
+  h, w = x.shape[1:3]
   if h != w or h not in allowed:
     raise ValueError(
         f"{model_name} supports {'x'.join(map(str, allowed))} square inputs "
