@@ -33,3 +33,13 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str) -> None:
   err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
   assert err <= atol + rtol * scale, (
       f"{what}: max abs error {err:.3e} > atol {atol:g} + rtol {rtol:g} * max|expected| {scale:.3e}")
+
+
+def variables_from_state(model_name: str, num_classes: int, state: dict,
+                         collections=("params", "batch_stats")) -> dict:
+  """Our Flax variables for a reference ``state_dict`` (through the real importer)."""
+  from cktf_jax.models import abstract_variables, state_dict_to_variables
+
+  template = abstract_variables(model_name, num_classes)
+  return state_dict_to_variables(state, {c: template[c] for c in collections},
+                                 what="parity fixture")

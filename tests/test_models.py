@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from cktf_jax import models
-from cktf_jax.models import torch_import
-from parity_utils import FIXTURES, assert_close, load_fixture, nchw_to_nhwc, with_prefix
+from parity_utils import (FIXTURES, assert_close, load_fixture, nchw_to_nhwc,
+                          variables_from_state, with_prefix)
 
 ZOO = json.loads((FIXTURES / "model_zoo.json").read_text())
 MODEL_NAMES = [k for k in ZOO if not k.startswith("_")]
@@ -71,18 +71,13 @@ def test_parameter_counts_and_shapes(name):
           f"{name} at {hw}x{hw}: block output shapes")
 
 
-def _variables_from_state(model, x, state):
-  template = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x[:1])
-  return torch_import.state_dict_to_variables(state, template, what="fixture")
-
-
 @pytest.fixture(scope="module", params=MODEL_FIXTURES)
 def model_case(request):
   f = load_fixture(request.param)
   arch, num_classes = str(f["hp.arch"]), int(f["hp.num_classes"])
   model = models.create_model(arch, num_classes)
   x = jnp.asarray(nchw_to_nhwc(f["in.x"]))
-  variables = _variables_from_state(model, x, with_prefix(f, "w."))
+  variables = variables_from_state(arch, num_classes, with_prefix(f, "w."))
   apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
   return request.param, f, model, x, variables, apply
 
@@ -132,7 +127,7 @@ def test_forward_train_matches_reference(model_case):
   # mapped through the same importer as the weights.
   after = dict(with_prefix(f, "w."))
   after.update(with_prefix(f, "after.train."))
-  expected = _variables_from_state(model, x, after)["batch_stats"]
+  expected = variables_from_state(str(f["hp.arch"]), int(f["hp.num_classes"]), after)["batch_stats"]
   flat_ours = jax.tree_util.tree_leaves_with_path(updated["batch_stats"])
   flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
   assert len(flat_ours) == len(flat_expected)

@@ -20,7 +20,7 @@ from flax import traverse_util
 Variables = Dict[str, Any]
 
 
-def _torch_key_and_layout(collection: str, path: Tuple[str, ...], ndim: int):
+def torch_key_and_layout(collection: str, path: Tuple[str, ...], ndim: int):
   """The state_dict key of one Flax leaf and the transpose from torch to Flax layout."""
   prefix = ".".join(path[:-1])
   leaf = path[-1]
@@ -68,7 +68,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], template: Variables,
   expected = {}
   for collection in ("params", "batch_stats"):
     for path, leaf in traverse_util.flatten_dict(template.get(collection, {})).items():
-      key, transpose = _torch_key_and_layout(collection, path, len(leaf.shape))
+      key, transpose = torch_key_and_layout(collection, path, len(leaf.shape))
       expected[key] = (collection, path, tuple(leaf.shape), transpose)
 
   bn_prefixes = {k[: -len(".running_mean")] for k in expected if k.endswith(".running_mean")}
