@@ -1,0 +1,1 @@
+"""Distillation objectives as pure functions (one family per module)."""

@@ -1,0 +1,115 @@
+"""The Method interface: how one distillation objective consumes Features.
+
+The train step knows nothing about any particular method. It computes
+
+    loss = gamma * CE(student) + alpha * KD(student, teacher) + beta * method_loss
+
+(reference ``helper/loops.py: train_distill``), where ``method_loss`` comes
+from the Method selected by the config's name. A Method:
+
+* ``init(rng, feats_s, feats_t)`` creates its auxiliary variables from the
+  feature shapes (embeds, regressors, connectors): ``{'params': ..., <state
+  collections>...}``; an empty dict when it has none. It validates the shapes
+  here and raises ``MethodShapeError`` naming the method, the shapes and what
+  would work, so bad combinations fail before anything compiles (call it under
+  ``jax.eval_shape`` to get that check for free).
+* ``loss(aux_params, aux_state, feats_s, feats_t, batch, train)`` returns
+  ``(loss, metrics, new_aux_state)``: a scalar, a dict of named scalars (the
+  per-term values, unweighted), and the updated non-parameter collections
+  (``batch_stats`` of a ConvReg, CRD memory banks). ``feats_t`` is the frozen
+  teacher's output; gradients flow into ``feats_s`` and ``aux_params``.
+* ``pretrain``: an optional ``PretrainStage`` (AB, FT, FSP's "init" stage of
+  ``helper/pretrain.py``).
+
+Adding a method is one file with a ``@register_method('name')`` factory and one
+import line in ``methods/__init__.py``.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+
+from cktf_jax.models.features import Features
+
+Array = jax.Array
+Variables = Dict[str, Any]
+Metrics = Dict[str, Array]
+# batch: 'image' [N,H,W,3] float, 'label' [N] int, 'index' [N] int (dataset row),
+# 'mask' [N] bool (False on padding of a partial batch), optional 'contrast_idx' [N, K+1].
+Batch = Mapping[str, Array]
+LossFn = Callable[[Any, Variables, Features, Features, Batch, bool],
+                  Tuple[Array, Metrics, Variables]]
+
+
+class MethodShapeError(ValueError):
+  """Raised by ``Method.init`` when the features cannot be used by the method."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainStage:
+  """A method's "init" stage (reference ``helper/pretrain.py: init``).
+
+  Attributes:
+    epochs: how many epochs it runs (reference ``--init_epochs``, 30).
+    train_student: whether the student's feature layers are trained too (AB,
+      FSP train the connector/student feature modules; FT only the paraphraser).
+    loss: same signature as ``Method.loss``; its ``aux_params`` are the
+      method's full auxiliary params.
+    trainable: names of the top-level entries of ``aux_params['...']`` that
+      this stage trains (e.g. ``('paraphraser',)``); every other aux entry is frozen.
+  """
+
+  epochs: int
+  train_student: bool
+  loss: LossFn
+  trainable: Tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One distillation objective; see the module docstring."""
+
+  name: str
+  init: Callable[[jax.Array, Features, Features], Variables]
+  loss: LossFn
+  pretrain: Optional[PretrainStage] = None
+  # The reference scripts' (gamma, alpha, beta) for this method: weights of
+  # CE, KD and this method's loss (scripts/run_cifar100_distill.sh).
+  default_weights: Tuple[float, float, float] = (1.0, 0.0, 0.0)
+  # Whether this method needs a batch's 'contrast_idx' (CRD-style negatives).
+  needs_contrast_idx: bool = False
+
+
+MethodFactory = Callable[[Mapping[str, Any]], Method]
+_METHODS: Dict[str, MethodFactory] = {}
+
+
+def register_method(name: str):
+  """Decorator for ``factory(hparams) -> Method``; ``hparams`` is the config's
+  ``method`` ConfigDict (or any mapping) with that method's hyper-parameters."""
+
+  def wrap(factory: MethodFactory) -> MethodFactory:
+    if name in _METHODS:
+      raise ValueError(f"method {name!r} is registered twice")
+    _METHODS[name] = factory
+    return factory
+
+  return wrap
+
+
+def method_names():
+  """Every registered method name (the reference's ``--distill`` values)."""
+  return list(_METHODS)
+
+
+def check_method_name(name: str) -> None:
+  """Raise ``ValueError`` listing the valid names when ``name`` is unknown."""
+  if name not in _METHODS:
+    raise ValueError(f"unknown method {name!r}; valid methods are: {', '.join(_METHODS)}")
+
+
+def create_method(name: str, hparams: Optional[Mapping[str, Any]] = None) -> Method:
+  """The Method for the reference's ``--distill name``."""
+  check_method_name(name)
+  return _METHODS[name](dict(hparams or {}))
