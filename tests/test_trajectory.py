@@ -43,8 +43,9 @@ def test_kd_trajectory_matches_reference():
   method = methods.create_method(str(f["hp.distill"]), {"kd_T": float(f["hp.kd_T"])})
   weights = step_lib.LossWeights(float(f["hp.gamma"]), float(f["hp.alpha"]),
                                  float(f["hp.beta"]), float(f["hp.kd_T"]))
-  tx = optim.torch_sgd(float(f["hp.lr"]), float(f["hp.momentum"]), float(f["hp.weight_decay"]),
-                       bool(f["hp.nesterov"]))
+  tx = optim.distillation_optimizer(
+      float(f["hp.lr"]), {"student": student_vars["params"], "aux": {}}, method.frozen_aux,
+      float(f["hp.momentum"]), float(f["hp.weight_decay"]), bool(f["hp.nesterov"]))
   state = step_lib.create_train_state(jax.random.PRNGKey(0), student_vars, {}, tx)
   train_step = jax.jit(step_lib.make_train_step(student, tx, weights, teacher, method))
   logits_fn = jax.jit(lambda s, x: student.apply({"params": s.params["student"],
@@ -84,7 +85,7 @@ def test_kd_trajectory_matches_reference():
   # Momentum buffers: global relative L2 deviation.
   momentum = variables_from_state(name_s, num_classes, with_prefix(f, "after.momentum.student."),
                                   collections=("params",))["params"]
-  ours_m = state.opt_state[1][0].trace["student"]
+  ours_m = optim.momentum_buffers(state.opt_state)["student"]
   diff = sum(float(np.sum((np.asarray(a) - np.asarray(b)) ** 2))
              for a, b in zip(jax.tree_util.tree_leaves(ours_m), jax.tree_util.tree_leaves(momentum)))
   norm = sum(float(np.sum(np.asarray(b) ** 2)) for b in jax.tree_util.tree_leaves(momentum))

@@ -95,4 +95,4 @@ def abound_method(hparams: Mapping[str, Any]) -> Method:
   pretrain = PretrainStage(epochs=init_epochs, train_student=True, loss=init_loss,
                            trainable=("connector",))
   return Method(name="abound", init=init, loss=loss, pretrain=pretrain,
-                default_weights=DEFAULT_WEIGHTS)
+                default_weights=DEFAULT_WEIGHTS, frozen_aux=("connector",))

@@ -77,6 +77,10 @@ class Method:
   # The reference scripts' (gamma, alpha, beta) for this method: weights of
   # CE, KD and this method's loss (scripts/run_cifar100_distill.sh).
   default_weights: Tuple[float, float, float] = (1.0, 0.0, 0.0)
+  # Top-level entries of the aux params that the main stage does not train
+  # (outside the optimiser, so no weight decay either): the reference leaves
+  # AB's connector and FT's paraphraser out of train_student.py's trainable_list.
+  frozen_aux: Tuple[str, ...] = ()
   # Whether this method needs a batch's 'contrast_idx' (CRD-style negatives).
   needs_contrast_idx: bool = False
 

@@ -94,4 +94,4 @@ def factor_method(hparams: Mapping[str, Any]) -> Method:
   pretrain = PretrainStage(epochs=init_epochs, train_student=False, loss=init_loss,
                            trainable=("paraphraser",))
   return Method(name="factor", init=init, loss=loss, pretrain=pretrain,
-                default_weights=DEFAULT_WEIGHTS)
+                default_weights=DEFAULT_WEIGHTS, frozen_aux=("paraphraser",))

@@ -16,6 +16,7 @@ of ``150,180,210`` still runs at ``lr0``.
 
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -46,3 +47,25 @@ def torch_sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4,
       optax.add_decayed_weights(weight_decay),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )
+
+
+def distillation_optimizer(learning_rate, params, frozen_aux: Sequence[str] = (),
+                           momentum: float = 0.9, weight_decay: float = 5e-4,
+                           nesterov: bool = False) -> optax.GradientTransformation:
+  """``torch_sgd`` over ``params = {'student': ..., 'aux': ...}``, except the aux
+  entries named in ``frozen_aux`` (``Method.frozen_aux``), which get no update
+  and no weight decay: they are outside the reference's ``trainable_list``."""
+  labels = {
+      "student": jax.tree_util.tree_map(lambda _: "train", params["student"]),
+      "aux": {name: jax.tree_util.tree_map(lambda _, n=name: "frozen" if n in frozen_aux
+                                           else "train", sub)
+              for name, sub in params["aux"].items()},
+  }
+  return optax.multi_transform(
+      {"train": torch_sgd(learning_rate, momentum, weight_decay, nesterov),
+       "frozen": optax.set_to_zero()}, labels)
+
+
+def momentum_buffers(opt_state):
+  """The SGD momentum buffers (torch's ``momentum_buffer``) inside an optimiser state."""
+  return optax.tree_utils.tree_get(opt_state, "trace")
