@@ -227,8 +227,8 @@ def test_conv_reg_init_matches_torch_defaults():
 def _vid_case():
   f = load_fixture("vid.npz")
   g_s, g_t = _maps(f, "in.g_s"), _maps(f, "in.g_t")
-  method = create_method("vid", {"init_pred_var": float(f["hp.init_pred_var"]),
-                                 "eps": float(f["hp.eps"])})
+  method = create_method("vid", {"vid_init_pred_var": float(f["hp.init_pred_var"]),
+                                 "vid_eps": float(f["hp.eps"])})
   feats_s, feats_t = _features(g_s[0], g_s), _features(g_t[0], g_t)
   template = _abstract_init(method, feats_s, feats_t)
   variables = _import(template, with_prefix(f, "w."))
@@ -293,7 +293,7 @@ def test_vid_bad_shapes():
 def _ab_case():
   f = load_fixture("ab.npz")
   g_s, g_t = _maps(f, "in.g_s"), _maps(f, "in.g_t")
-  method = create_method("abound", {"margin": float(f["hp.margin"])})
+  method = create_method("abound", {"ab_margin": float(f["hp.margin"])})
   # Pre-activation features; the post-activation ones must not be used.
   feats_s = _features(g_s[0], [jnp.full_like(x, jnp.nan) for x in g_s], preact=g_s)
   feats_t = _features(g_t[0], [jnp.full_like(x, jnp.nan) for x in g_t], preact=g_t)
@@ -379,7 +379,7 @@ def test_ab_bad_shapes():
 def _ft_case():
   f = load_fixture("ft.npz")
   f_s, f_t = jnp.asarray(nchw_to_nhwc(f["in.f_s"])), jnp.asarray(nchw_to_nhwc(f["in.f_t"]))
-  hp = {"k": float(f["hp.k"]), "p1": int(f["hp.p1"]), "p2": int(f["hp.p2"])}
+  hp = {"ft_k": float(f["hp.k"]), "ft_p1": int(f["hp.p1"]), "ft_p2": int(f["hp.p2"])}
   method = create_method("factor", hp)
   feats_s, feats_t = _features(f_s, [f_s]), _features(f_t, [f_t])
   template = _abstract_init(method, feats_s, feats_t)
@@ -389,7 +389,7 @@ def _ft_case():
 
 def test_ft_parity():
   f, f_s, f_t, hp, _, _, _, template, variables = _ft_case()
-  k, p1, p2 = hp["k"], hp["p1"], hp["p2"]
+  k, p1, p2 = hp["ft_k"], hp["ft_p1"], hp["ft_p2"]
   translator = Translator(f_s.shape[-1], f_t.shape[-1], k)
   paraphraser = Paraphraser(f_t.shape[-1], k)
 

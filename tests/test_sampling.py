@@ -136,7 +136,7 @@ def test_tiny_imagenet_exact_with_replacement():
   labels = np.repeat(np.arange(4), 10)
   with warnings.catch_warnings():
     warnings.simplefilter("error")                             # enough negatives: no warning
-    sampler = build_sampler(nce_k=20, labels=labels, dataset="tiny-imagenet", mode="relax")
+    sampler = build_sampler(nce_k=20, labels=labels, dataset="tiny_imagenet", mode="relax")
   assert sampler.mode == "exact" and sampler.replace == "always"
   index = np.arange(0, 40, 5)
   out = draws(sampler, index, 50, seed=4)

@@ -13,7 +13,7 @@ cifar100 exact     the example's own index     K of the OTHER classes' examples,
 cifar100 relax     a uniform example of the    as above
                    anchor's class (may be the
                    anchor itself)
-tiny-imagenet,     own index (always exact:    K of the other classes' examples WITH replacement
+tiny_imagenet,     own index (always exact:    K of the other classes' examples WITH replacement
 imagenet           ``--mode`` is not passed)
 stl10 unlabeled    own index                   K of ALL examples (anchor included) without
                                                replacement (all labels are -1; relax would raise)
@@ -85,9 +85,13 @@ REPLACE = ("auto", "always")
 DATASET_POLICIES = {
     "cifar100": ("other_classes", "auto", True),
     "cifar10": ("other_classes", "auto", True),
-    "tiny-imagenet": ("other_classes", "always", False),
+    "tiny_imagenet": ("other_classes", "always", False),
     "imagenet": ("other_classes", "always", False),
     "stl10": ("all", "auto", False),
+    # Not in the reference: the quick start's and the tests' data sets, sampled
+    # as CIFAR-100 is.
+    "digits": ("other_classes", "auto", True),
+    "synthetic": ("other_classes", "auto", True),
 }
 DEFAULT_NCE_K = 16384
 

@@ -19,6 +19,7 @@ from cktf_jax.methods import fsp  # noqa: F401
 from cktf_jax.methods import nst  # noqa: F401
 from cktf_jax.methods import kdsvd  # noqa: F401
 from cktf_jax.methods import crd  # noqa: F401
+from cktf_jax.methods import crdst  # noqa: F401
 
 __all__ = ["Batch", "Method", "MethodShapeError", "PretrainStage", "check_method_name",
            "create_method", "method_names", "register_method"]

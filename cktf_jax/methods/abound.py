@@ -31,8 +31,8 @@ DEFAULT_WEIGHTS = (1.0, 0.0, 1.0)
 
 @register_method("abound")
 def abound_method(hparams: Mapping[str, Any]) -> Method:
-  """``hparams``: ``margin`` (default 1.0), ``init_epochs`` (default 30)."""
-  margin = float(hparams.get("margin", 1.0))
+  """``hparams``: ``ab_margin`` (default 1.0), ``init_epochs`` (default 30)."""
+  margin = float(hparams.get("ab_margin", 1.0))
   init_epochs = int(hparams.get("init_epochs", 30))
 
   def shapes(feats_s: Features, feats_t: Features):

@@ -28,10 +28,10 @@ DEFAULT_WEIGHTS = (1.0, 0.0, 200.0)
 
 @register_method("factor")
 def factor_method(hparams: Mapping[str, Any]) -> Method:
-  """``hparams``: ``k`` (factor rate, 0.5), ``p1`` (2), ``p2`` (1), ``init_epochs`` (30)."""
-  k = float(hparams.get("k", 0.5))
-  p1 = int(hparams.get("p1", 2))
-  p2 = int(hparams.get("p2", 1))
+  """``hparams``: ``ft_k`` (factor rate, 0.5), ``ft_p1`` (2), ``ft_p2`` (1), ``init_epochs`` (30)."""
+  k = float(hparams.get("ft_k", 0.5))
+  p1 = int(hparams.get("ft_p1", 2))
+  p2 = int(hparams.get("ft_p2", 1))
   init_epochs = int(hparams.get("init_epochs", 30))
 
   def pick(feats: Features):

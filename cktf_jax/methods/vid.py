@@ -25,9 +25,9 @@ DEFAULT_WEIGHTS = (1.0, 0.0, 1.0)
 
 @register_method("vid")
 def vid_method(hparams: Mapping[str, Any]) -> Method:
-  """``hparams``: ``init_pred_var`` (default 5.0), ``eps`` (default 1e-5)."""
-  init_pred_var = float(hparams.get("init_pred_var", 5.0))
-  eps = float(hparams.get("eps", 1e-5))
+  """``hparams``: ``vid_init_pred_var`` (default 5.0), ``vid_eps`` (default 1e-5)."""
+  init_pred_var = float(hparams.get("vid_init_pred_var", 5.0))
+  eps = float(hparams.get("vid_eps", 1e-5))
 
   def check(feats_s: Features, feats_t: Features):
     s_all = [tuple(f.shape) for f in feats_s.stages]

@@ -17,8 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from cktf_jax.models.registry import check_model_name
-from cktf_jax.models.registry import abstract_variables
+from cktf_jax.models.registry import abstract_variables, check_model_name
 from cktf_jax.models.torch_checkpoint import read_torch_file, split_checkpoint
 from cktf_jax.models.torch_import import state_dict_to_variables
 
@@ -26,15 +25,14 @@ VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
 
 
-def convert(in_path: str, out_dir: str, model_name: str, num_classes: int,
-            overwrite: bool = False) -> Dict[str, Any]:
-  """Write ``out_dir/variables`` and ``out_dir/meta.json``; return the meta dict."""
-  check_model_name(model_name)
-  obj, fmt = read_torch_file(in_path, with_format=True)
-  state, reference = split_checkpoint(obj, str(in_path))
-  template = abstract_variables(model_name, num_classes)
-  variables = state_dict_to_variables(state, template, what=str(in_path))
+def save_model_dir(out_dir: str, model_name: str, num_classes: int, variables: Dict[str, Any],
+                   extra_meta: Optional[Dict[str, Any]] = None,
+                   overwrite: bool = False) -> Dict[str, Any]:
+  """Write ``out_dir/variables`` (orbax) and ``out_dir/meta.json``; return the meta.
 
+  The layout a teacher is read from (``restore_converted``), whether the
+  variables came from a PyTorch file or from our own training.
+  """
   out_dir = os.path.abspath(out_dir)
   ckpt_dir = os.path.join(out_dir, VARIABLES_DIR)
   if os.path.exists(ckpt_dir) and not overwrite:
@@ -45,15 +43,26 @@ def convert(in_path: str, out_dir: str, model_name: str, num_classes: int,
   meta = {
       "model": model_name,
       "num_classes": num_classes,
-      "source": os.path.abspath(str(in_path)),
-      "source_format": fmt,
       "num_params": sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(variables["params"])),
-      **reference,  # epoch / accuracy / best_acc, when the checkpoint has them
+      **(extra_meta or {}),
   }
   with open(os.path.join(out_dir, META_FILE), "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
     f.write("\n")
   return meta
+
+
+def convert(in_path: str, out_dir: str, model_name: str, num_classes: int,
+            overwrite: bool = False) -> Dict[str, Any]:
+  """Convert ``in_path`` into ``save_model_dir``'s layout; return the meta dict."""
+  check_model_name(model_name)
+  obj, fmt = read_torch_file(in_path, with_format=True)
+  state, reference = split_checkpoint(obj, str(in_path))
+  template = abstract_variables(model_name, num_classes)
+  variables = state_dict_to_variables(state, template, what=str(in_path))
+  # reference: epoch / accuracy / best_acc, when the checkpoint has them
+  extra = {"source": os.path.abspath(str(in_path)), "source_format": fmt, **reference}
+  return save_model_dir(out_dir, model_name, num_classes, variables, extra, overwrite)
 
 
 def restore_converted(out_dir: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:

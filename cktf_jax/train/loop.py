@@ -1,0 +1,356 @@
+"""Training and evaluation loops: teacher training and distillation.
+
+``train_and_evaluate(config, workdir)`` is the reference's ``train_teacher.py``
+(``config.mode='train_teacher'``: CE only, no teacher) and
+``train_student.py`` (``'distill'``): SGD with the reference's schedule, a
+test-set evaluation after every epoch (every test example counted once), and
+in ``workdir``:
+
+* ``checkpoints/``: the full train state (orbax), every
+  ``config.train.checkpoint_every_epochs`` epochs and at the end, for resuming;
+* ``best_model/`` and ``last_model/``: the trained model's variables in the
+  layout a teacher is read from (``models.convert.restore_converted``);
+* ``log.jsonl``: one JSON line per epoch (the reference's ``log.txt``);
+* ``config.json``: the config of the run, checked when a workdir is reused.
+
+Given an existing workdir, it resumes from the latest checkpoint.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cktf_jax import data, methods, models
+from cktf_jax.config import ConfigError
+from cktf_jax.data import augment, pipeline
+from cktf_jax.models import convert
+from cktf_jax.train import optim, step as step_lib
+
+CHECKPOINTS = "checkpoints"
+BEST_MODEL = "best_model"
+LAST_MODEL = "last_model"
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss became NaN or inf; the message names the epoch, step and term."""
+
+
+def load_teacher(config: ml_collections.ConfigDict):
+  """``(module, variables, meta)`` of ``config.teacher``, checked against the config."""
+  path = config.teacher.checkpoint
+  name, num_classes = config.teacher.model, config.dataset.num_classes
+  how = (f"train one with `python launch.py --config configs/{config.dataset.name}_teacher.py "
+         f"--config.teacher.model={name} --workdir WORKDIR` (then use WORKDIR/{BEST_MODEL}), or "
+         f"convert a PyTorch checkpoint with `python -m cktf_jax.models.convert --model {name} "
+         f"--num_classes {num_classes} IN.pth OUT_DIR`")
+  if not path:
+    raise ConfigError(f"config.teacher.checkpoint is empty: distillation needs a teacher; {how}")
+  if not os.path.exists(os.path.join(path, convert.META_FILE)):
+    raise ConfigError(f"config.teacher.checkpoint={path!r} is not a model directory (no "
+                      f"{convert.META_FILE}); {how}")
+  meta, variables = convert.restore_converted(path)
+  if meta["model"] != name or int(meta["num_classes"]) != num_classes:
+    raise ConfigError(
+        f"config.teacher.checkpoint={path!r} holds a {meta['model']} with "
+        f"{meta['num_classes']} classes, but the config asks for teacher {name} with "
+        f"{num_classes} classes: set --config.teacher.model={meta['model']} or point "
+        f"config.teacher.checkpoint at a {name} trained on {config.dataset.name}")
+  return models.create_model(name, num_classes), variables, meta
+
+
+def _learning_rate(config: ml_collections.ConfigDict, model_name: str) -> float:
+  """``config.train.learning_rate``, or the reference's default for the model:
+  0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students, else 0.05."""
+  if config.train.learning_rate is not None:
+    return float(config.train.learning_rate)
+  return 0.01 if model_name in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05
+
+
+def _datasets(config: ml_collections.ConfigDict):
+  """The train and test splits of ``config.dataset``, validated."""
+  d = config.dataset
+  options = {"source": d.source, "data_dir": d.data_dir}
+  if d.name == "synthetic":
+    options = dict(d.synthetic)
+  train_options = dict(options)
+  if d.num_train_categories:
+    train_options["num_train_categories"] = d.num_train_categories
+  splits = (data.load_dataset(d.name, "train", **train_options),
+            data.load_dataset(d.name, "test", **options))
+  for split in splits:
+    if split.num_classes != d.num_classes:
+      raise ConfigError(f"config.dataset.num_classes={d.num_classes}, but {d.name} has "
+                        f"{split.num_classes} classes")
+  return splits
+
+
+def _loader(config: ml_collections.ConfigDict, dataset, mesh, train: bool):
+  return pipeline.DeviceLoader(dataset, augment.transform_for(config.dataset.name, train=train),
+                               mesh, config.train.batch_size, shuffle=train, seed=config.seed)
+
+
+def _zeros_like(tree):
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+
+
+def create_method(config: ml_collections.ConfigDict, train_set, mesh):
+  """The config's Method and its loss weights.
+
+  Besides ``config.method``'s fields, every method factory gets the run's
+  context (methods ignore what they do not use): the training labels and
+  size (CRD's memory rows and class-aware sampling), the dataset name, the
+  mesh, the model names (CKTF's pooling rule) and the effective ``beta``.
+  """
+  hparams = config.method.to_dict()
+  hparams.update(labels=train_set.labels, n_data=len(train_set), dataset=config.dataset.name,
+                 mesh=mesh, model_s=config.student.model, model_t=config.teacher.model)
+  defaults = methods.create_method(config.method.name, hparams).default_weights
+  w = config.weights
+  pick = lambda value, default: float(default if value is None else value)
+  weights = step_lib.LossWeights(pick(w.gamma, defaults[0]), pick(w.alpha, defaults[1]),
+                                 pick(w.beta, defaults[2]), float(config.method.kd_T))
+  return methods.create_method(config.method.name, dict(hparams, beta=weights.beta)), weights
+
+
+def create_state(config: ml_collections.ConfigDict, model_name: str, student, teacher,
+                 teacher_variables, method, image_shape, steps_per_epoch: int):
+  """``(state, tx)``: student init as the reference inits it, the method's aux
+  parts created from the real feature shapes, and the reference's SGD."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, aux_rng, state_rng = jax.random.split(rng, 3)
+  x = jnp.zeros((config.train.batch_size,) + tuple(image_shape), jnp.float32)
+  student_variables = jax.jit(lambda r: student.init(r, x[:1]))(init_rng)
+  aux_variables = {}
+  if method is not None:
+    feats_s = jax.eval_shape(lambda v: student.apply(v, x), student_variables)
+    feats_t = jax.eval_shape(lambda v: teacher.apply(v, x), teacher_variables)
+    # Eager: a method may place its state itself (CRD's row-sharded banks).
+    aux_variables = method.init(aux_rng, _zeros_like(feats_s), _zeros_like(feats_t))
+  t = config.train
+  schedule = optim.step_learning_rate_fn(_learning_rate(config, model_name),
+                                         t.lr_decay_epochs, t.lr_decay_rate, steps_per_epoch)
+  params = {"student": student_variables["params"], "aux": aux_variables.get("params", {})}
+  tx = optim.distillation_optimizer(schedule, params, method.frozen_aux if method else (),
+                                    t.momentum, t.weight_decay, t.nesterov)
+  state = step_lib.create_train_state(state_rng, student_variables, aux_variables, tx)
+  return state, tx
+
+
+def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != current:
+      diff = sorted(_diff_keys(previous, current))
+      raise ConfigError(f"workdir {workdir!r} holds a run of a different config (fields "
+                        f"{', '.join(diff)} differ); use a new --workdir, or the same config "
+                        f"to resume")
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=1, sort_keys=True)
+
+
+def _diff_keys(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in set(a) | set(b):
+      yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield prefix.rstrip(".")
+
+
+def _progress(epoch: int, epochs: int, done: int, total: int, start: float, images: int) -> None:
+  elapsed = max(time.time() - start, 1e-9)
+  eta = elapsed / max(done, 1) * (total - done)
+  bar = "#" * int(20 * done / total)
+  sys.stdout.write(f"\repoch {epoch}/{epochs} [{bar:<20}] {done}/{total} steps "
+                   f"{images / elapsed:7.1f} img/s  ETA {eta:5.1f}s")
+  sys.stdout.flush()
+
+
+def _epoch_means(metric_list) -> Dict[str, float]:
+  """Example-weighted means of the per-step metrics (one host transfer per epoch)."""
+  host = jax.device_get(metric_list)
+  count = sum(float(m["count"]) for m in host)
+  means = {}
+  for key in host[0]:
+    if key in ("top1", "top5", "count"):
+      continue
+    means[key] = sum(float(m[key]) * float(m["count"]) for m in host) / count
+  means["top1"] = 100.0 * sum(float(m["top1"]) for m in host) / count
+  means["top5"] = 100.0 * sum(float(m["top5"]) for m in host) / count
+  return means
+
+
+def _check_finite(metric_list, epoch: int, steps_before: int) -> None:
+  for i, m in enumerate(jax.device_get(metric_list)):
+    for key, value in m.items():
+      if not math.isfinite(float(value)):
+        raise NonFiniteLossError(
+            f"loss term {key!r} is {float(value)} at epoch {epoch}, step {steps_before + i + 1} "
+            f"(global step); the run stopped and the last good checkpoint was kept")
+
+
+def evaluate(eval_step, variables, loader) -> Dict[str, float]:
+  """Top-1/top-5 accuracy (%) and mean CE over every test example, once each."""
+  sums = None
+  for batch in loader.epoch(0):
+    out = eval_step(variables, batch)
+    sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  count = float(sums["count"])
+  return {"test_loss": float(sums["ce_sum"]) / count, "test_top1": 100.0 * float(sums["top1"]) / count,
+          "test_top5": 100.0 * float(sums["top5"]) / count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str, Any]:
+  """Run ``config.mode`` 'train_teacher' or 'distill' to the end; returns the
+  final summary (best/last test accuracy and where the models are)."""
+  if not workdir:
+    raise ConfigError("--workdir is required to train (checkpoints and logs go there)")
+  distill = config.mode == "distill"
+  d = config.dataset
+  model_name = config.student.model if distill else config.teacher.model
+  model = models.create_model(model_name, d.num_classes)
+  mesh = pipeline.data_mesh()
+  if config.train.batch_size % mesh.size:
+    raise ConfigError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
+                      f"the {mesh.size} devices")
+  teacher = teacher_variables = method = None
+  weights = step_lib.LossWeights(1.0, 0.0, 0.0, float(config.method.kd_T))
+  train_set, test_set = _datasets(config)
+  if distill:
+    teacher, teacher_variables, _ = load_teacher(config)
+    method, weights = create_method(config, train_set, mesh)
+  _check_workdir_config(workdir, config)
+
+  train_loader = _loader(config, train_set, mesh, train=True)
+  test_loader = _loader(config, test_set, mesh, train=False)
+  image_shape = next(test_loader.epoch(0))["image"].shape[1:]
+  state, tx = create_state(config, model_name, model, teacher, teacher_variables, method,
+                           image_shape, train_loader.steps_per_epoch)
+  replicated = NamedSharding(mesh, P())
+  # Everything replicated except what a method placed itself (row-sharded banks).
+  state = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated
+      else jax.device_put(x, replicated), state)
+  state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  if teacher_variables is not None:
+    teacher_variables = jax.device_put(teacher_variables, replicated)
+
+  train_step = jax.jit(step_lib.make_train_step(model, tx, weights, teacher, method),
+                       donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+  eval_step = jax.jit(step_lib.make_eval_step(model))
+  if teacher is not None:
+    teacher_eval = evaluate(jax.jit(step_lib.make_eval_step(teacher)), teacher_variables,
+                            test_loader)
+    print(f"teacher {config.teacher.model}: test top-1 {teacher_eval['test_top1']:.2f}%")
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
+                                  options=options)
+  steps_per_epoch = train_loader.steps_per_epoch
+  start_epoch, best = 1, {"test_top1": -1.0}
+  if manager.latest_step() is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(manager.latest_step(),
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                       best=ocp.args.JsonRestore()))
+    state, best = restored.state, restored.best
+    start_epoch = int(state.step) // steps_per_epoch + 1
+    print(f"resuming {workdir} from epoch {start_epoch} (step {int(state.step)})")
+
+  epochs = config.train.epochs
+  test = None
+  show_progress = config.progress and sys.stdout.isatty()
+  progress_every = max(1, steps_per_epoch // 20)
+  log_path = os.path.join(workdir, LOG_FILE)
+  for epoch in range(start_epoch, epochs + 1):
+    start, step_metrics = time.time(), []
+    for i, batch in enumerate(train_loader.epoch(epoch - 1)):
+      state, metrics = train_step(state, batch, teacher_variables)
+      step_metrics.append(metrics)
+      if show_progress and (i + 1) % progress_every == 0 and i >= 1:
+        # Wait for the step before this one only: one step stays in flight.
+        jax.block_until_ready(step_metrics[-2])
+        _progress(epoch, epochs, i, steps_per_epoch, start, i * config.train.batch_size)
+    _check_finite(step_metrics, epoch, (epoch - 1) * steps_per_epoch)
+    train_means = _epoch_means(step_metrics)
+    variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
+    test = evaluate(eval_step, variables, test_loader)
+    lr = float(optim.epoch_learning_rate(epoch, _learning_rate(config, model_name),
+                                         config.train.lr_decay_epochs, config.train.lr_decay_rate))
+    record = {"epoch": epoch, "lr": lr, "time_s": round(time.time() - start, 3),
+              **{f"train_{k}": v for k, v in train_means.items()}, **test}
+    with open(log_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if show_progress:
+      sys.stdout.write("\r" + " " * 79 + "\r")
+    print(f"epoch {epoch}/{epochs} lr {lr:g} train loss {train_means['loss']:.4f} "
+          f"top-1 {train_means['top1']:.2f}% | test loss {test['test_loss']:.4f} "
+          f"top-1 {test['test_top1']:.2f}% top-5 {test['test_top5']:.2f}% "
+          f"({record['time_s']:.1f}s)")
+    meta = {"epoch": epoch, "test_top1": test["test_top1"], "test_top5": test["test_top5"],
+            "trained_by": config.mode}
+    if test["test_top1"] > best["test_top1"]:
+      best = {"epoch": epoch, "test_top1": test["test_top1"], "test_top5": test["test_top5"]}
+      convert.save_model_dir(os.path.join(workdir, BEST_MODEL), model_name, d.num_classes,
+                             jax.device_get(variables), meta, overwrite=True)
+    if epoch % config.train.checkpoint_every_epochs == 0 or epoch == epochs:
+      manager.save(int(state.step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), best=ocp.args.JsonSave(best)))
+  manager.wait_until_finished()
+  variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
+  final = test if test is not None else evaluate(eval_step, variables, test_loader)
+  convert.save_model_dir(os.path.join(workdir, LAST_MODEL), model_name, d.num_classes,
+                         jax.device_get(variables),
+                         {"epoch": epochs, **final, "trained_by": config.mode}, overwrite=True)
+  summary = {"model": model_name, "best_top1": best["test_top1"], "best_epoch": best.get("epoch"),
+             "last_top1": final["test_top1"], "best_model": os.path.join(workdir, BEST_MODEL),
+             "last_model": os.path.join(workdir, LAST_MODEL)}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str, Any]:
+  """``config.mode='evaluate'``: top-1/top-5 of the model directory
+  ``config.eval.checkpoint`` on the test split of ``config.dataset``; printed,
+  and written to ``workdir/eval.json`` when a workdir is given."""
+  path = config.eval.checkpoint
+  if not path or not os.path.exists(os.path.join(path, convert.META_FILE)):
+    raise ConfigError(f"config.eval.checkpoint={path!r} is not a model directory (a "
+                      f"WORKDIR/{BEST_MODEL} or WORKDIR/{LAST_MODEL} of a run, or the OUT_DIR "
+                      f"of cktf_jax.models.convert)")
+  meta, variables = convert.restore_converted(path)
+  if int(meta["num_classes"]) != config.dataset.num_classes:
+    raise ConfigError(f"{path} holds a {meta['model']} with {meta['num_classes']} classes; "
+                      f"config.dataset.num_classes is {config.dataset.num_classes}")
+  mesh = pipeline.data_mesh()
+  test_loader = _loader(config, _datasets(config)[1], mesh, train=False)
+  model = models.create_model(meta["model"], int(meta["num_classes"]))
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  result = {"checkpoint": os.path.abspath(path), "model": meta["model"],
+            "dataset": config.dataset.name, "num_examples": test_loader.num_examples,
+            **evaluate(jax.jit(step_lib.make_eval_step(model)), variables, test_loader)}
+  print(f"{meta['model']} on {config.dataset.name} test ({result['num_examples']} images): "
+        f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%")
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=1)
+  return result

@@ -1,0 +1,36 @@
+"""The one entry point: ``python launch.py --config configs/<experiment>.py``.
+
+Flags: ``--config`` (a configs/*.py file; fields overridable as
+``--config.student.model=resnet8``), ``--workdir`` (where a run writes).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  # Imported after flag parsing: importing jax is slow.
+  from cktf_jax import config as config_lib
+  from cktf_jax import train
+
+  try:
+    train.run(FLAGS.config, FLAGS.workdir)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
