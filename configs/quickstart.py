@@ -1,10 +1,14 @@
-"""Quick start: build the teacher/student pair of the paper's headline result.
+"""Quick start: the seed README's table in miniature, on bundled real data.
 
-    python launch.py --config configs/quickstart.py
+    python launch.py --config configs/quickstart.py [--workdir runs/quickstart]
 
-Runs in seconds on a CPU: no data, no training, no compile (``jax.eval_shape``);
-prints each model's parameter count and the compression ratio the seed README's
-tables report (resnet32x4 -> resnet8x4: 6.03).
+On scikit-learn's handwritten digits (1437 train / 360 test images, shipped
+with scikit-learn, no download) it trains a resnet20 teacher, then a resnet8
+student without KD, with KD, CRD and CKTF, and prints their top-1 accuracies
+in one table with the checkpoint locations. About 4 minutes on a 2-core CPU;
+a second call reuses the finished runs.
+
+`--config.mode=summary` only prints the two models' sizes (no training).
 """
 
 from configs import default
@@ -12,7 +16,15 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.mode = "summary"
-  config.teacher.model = "resnet32x4"
-  config.student.model = "resnet8x4"
+  config.mode = "quickstart"
+  config.dataset.name = "digits"
+  config.dataset.num_classes = 10
+  config.teacher.model = "resnet20"
+  config.student.model = "resnet8"
+  config.method.nce_k = 512      # digits has ~1290 other-class examples per anchor
+  config.method.nce_t = 0.1
+  config.train.checkpoint_every_epochs = 5
+  config.quickstart = default.ml_collections.ConfigDict()
+  config.quickstart.teacher_epochs = 12
+  config.quickstart.student_epochs = 8
   return config

@@ -25,7 +25,9 @@ this method returns::
 
     method_loss = crd_final + (theta / beta) * sum(crd_0 .. crd_L)
 
-which needs ``beta != 0`` (``ValueError`` at construction otherwise). ``beta``
+which needs ``beta > 0`` (``ValueError`` at construction otherwise; the
+reference's ``beta = 0`` objective, CE + KD + theta * intermediate heads, is
+not expressible while the step owns the ``beta`` factor). ``beta``
 must be the EFFECTIVE weight the step uses; the train loop passes it as
 ``hparams['beta']``.
 
@@ -106,13 +108,14 @@ def make_crdst(hparams: Mapping[str, Any]) -> Method:
   hp.update({k: v for k, v in dict(hparams).items() if v is not None or k not in DEFAULTS})
   st_method = str(hp["st_method"])
   if st_method not in pairing.ST_METHODS:
-    raise ValueError(f"crdst: unknown st_method {st_method!r}; valid: {', '.join(pairing.ST_METHODS)}")
+    raise ValueError(f"crdst: unknown st_method {st_method!r}; valid: "
+                     f"{', '.join(pairing.ST_METHODS)}")
   theta, beta = float(hp["theta"]), float(hp["beta"])
-  if beta == 0.0:
+  if not beta > 0.0:
     raise ValueError(
-        "crdst needs beta > 0: the train step weights the method loss by beta, and CKTF "
-        "returns crd_final + (theta / beta) * sum(intermediate heads), so beta = 0 would "
-        "also drop the theta-weighted heads. Set weights.beta > 0.")
+        f"crdst needs beta > 0 (got {beta}): the train step weights the method loss by beta, "
+        "and CKTF returns crd_final + (theta / beta) * sum(intermediate heads), so beta = 0 "
+        "would also drop the theta-weighted heads. Set weights.beta > 0.")
   if not hp["model_s"]:
     raise ValueError("crdst needs hparams['model_s'] (the student's model name): it picks "
                      "the pooling of the layer pairs (see contrast.pairing.pool_kind_for_model)")

@@ -51,8 +51,9 @@ def load_teacher(config: ml_collections.ConfigDict):
   """``(module, variables, meta)`` of ``config.teacher``, checked against the config."""
   path = config.teacher.checkpoint
   name, num_classes = config.teacher.model, config.dataset.num_classes
-  how = (f"train one with `python launch.py --config configs/{config.dataset.name}_teacher.py "
-         f"--config.teacher.model={name} --workdir WORKDIR` (then use WORKDIR/{BEST_MODEL}), or "
+  how = (f"train one with this same config and `--config.mode=train_teacher --workdir WORKDIR` "
+         f"(it trains {name} on {config.dataset.name}; then set "
+         f"--config.teacher.checkpoint=WORKDIR/{BEST_MODEL}), or "
          f"convert a PyTorch checkpoint with `python -m cktf_jax.models.convert --model {name} "
          f"--num_classes {num_classes} IN.pth OUT_DIR`")
   if not path:

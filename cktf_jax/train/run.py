@@ -5,7 +5,7 @@ from typing import Callable, Dict, Optional
 import ml_collections
 
 from cktf_jax import config as config_lib
-from cktf_jax.train import loop, summary
+from cktf_jax.train import loop, quickstart, summary
 
 # config.mode -> runner(config, workdir)
 MODES: Dict[str, Callable[[ml_collections.ConfigDict, Optional[str]], object]] = {
@@ -13,6 +13,7 @@ MODES: Dict[str, Callable[[ml_collections.ConfigDict, Optional[str]], object]] =
     "train_teacher": loop.train_and_evaluate,
     "distill": loop.train_and_evaluate,
     "evaluate": loop.evaluate_checkpoint,
+    "quickstart": quickstart.run_quickstart,
 }
 
 
