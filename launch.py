@@ -23,11 +23,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   # Imported after flag parsing: importing jax is slow.
   from cktf_jax import config as config_lib
-  from cktf_jax import train
+  from cktf_jax import data, methods, train
+  from cktf_jax.models import torch_checkpoint
 
+  user_errors = (config_lib.ConfigError, data.DataNotFoundError, data.DataFormatError,
+                 methods.MethodShapeError, torch_checkpoint.CheckpointError)
   try:
     train.run(FLAGS.config, FLAGS.workdir)
-  except config_lib.ConfigError as e:
+  except user_errors as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -233,9 +233,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
                       f"the {mesh.size} devices")
   teacher = teacher_variables = method = None
   weights = step_lib.LossWeights(1.0, 0.0, 0.0, float(config.method.kd_T))
-  train_set, test_set = _datasets(config)
   if distill:
     teacher, teacher_variables, _ = load_teacher(config)
+  train_set, test_set = _datasets(config)
+  if distill:
     method, weights = create_method(config, train_set, mesh)
   _check_workdir_config(workdir, config)
 
