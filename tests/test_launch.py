@@ -14,8 +14,8 @@ def _launch(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_quickstart_prints_models_and_compression_ratio():
-  result = _launch("--config", "configs/quickstart.py")
+def test_summary_prints_models_and_compression_ratio():
+  result = _launch("--config", "configs/cifar100_cktf.py", "--config.mode=summary")
   assert result.returncode == 0, result.stderr
   # model_zoo.json: resnet32x4 7,433,860 and resnet8x4 1,233,540 parameters (100 classes).
   assert "resnet32x4      7,433,860" in result.stdout
@@ -27,7 +27,8 @@ def test_quickstart_prints_models_and_compression_ratio():
     ("--config.student.model=resnet9", "config.student.model: unknown model 'resnet9'; valid models are: resnet8,"),
     ("--config.teacher.model=vgg7", "config.teacher.model: unknown model 'vgg7'; valid models are: resnet8,"),
     ("--config.method.name=crd2", "config.method.name: unknown method 'crd2'; valid methods are: kd,"),
-    ("--config.mode=fly", "config.mode: unknown mode 'fly'; valid modes are: summary"),
+    ("--config.mode=fly", "config.mode: unknown mode 'fly'; valid modes are: summary, "
+     "train_teacher, distill, evaluate, quickstart"),
 ])
 def test_bad_names_fail_before_anything_runs(override, message):
   result = _launch("--config", "configs/quickstart.py", override)
