@@ -62,12 +62,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.method.vid_init_pred_var = 5.0
   config.method.vid_eps = 1e-5
   config.method.bank_dtype = "float32"  # CRD / CKTF memory banks: 'float32' or 'bfloat16'
+  # CKTF: factor of the intermediate heads' sum; None = theta / beta (see methods/crdst.py).
+  config.method.st_scale = config_dict.placeholder(float)
+
+  # The reference's --distill2 ("X + CKTF", scripts/run_2kds.sh): a second
+  # method adding weights.kd2weights * its loss; '' = none. Its own copy of
+  # the method hyper-parameters; st_scale=1: the reference adds all CKTF heads
+  # unweighted (loss_kd_crdSt + loss_kd_crd).
+  config.method2 = ml_collections.ConfigDict(config.method.to_dict())
+  config.method2.name = ""
+  config.method2.st_scale = 1.0
 
   # gamma * CE + alpha * KD + beta * method; None = the method's script defaults.
   config.weights = ml_collections.ConfigDict()
   config.weights.gamma = config_dict.placeholder(float)
   config.weights.alpha = config_dict.placeholder(float)
   config.weights.beta = config_dict.placeholder(float)
+  config.weights.kd2weights = 0.8  # weight of config.method2's loss (reference default)
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 64

@@ -58,12 +58,22 @@ class PretrainStage:
       method's full auxiliary params.
     trainable: names of the top-level entries of ``aux_params['...']`` that
       this stage trains (e.g. ``('paraphraser',)``); every other aux entry is frozen.
+    learning_rate_for: optional ``fn(student_model_name) -> lr or None``: the
+      stage's constant learning rate for that student, None (or no function)
+      for the run's learning rate (FT: 0.01 for CIFAR resnet*/wrn* students).
+
+  The train loop runs it (``train.loop``) with a fresh torch-style SGD
+  (the run's momentum and weight decay, constant lr) over the aux entries in
+  ``trainable`` and, with ``train_student``, the student's feature layers: all
+  its params but the classifier (``optim.classifier_names``), the reference's
+  ``get_feat_modules()``. The teacher is frozen in eval mode.
   """
 
   epochs: int
   train_student: bool
   loss: LossFn
   trainable: Tuple[str, ...]
+  learning_rate_for: Optional[Callable[[str], Optional[float]]] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,11 @@ Hyper-parameters (``create_method('crdst', hparams)``, a dict or ConfigDict):
   ``First`` | ``Random`` (reference ``--st_method``; note train_student.py's
   own default is ``Smallest``, the scripts pass it explicitly).
 * ``theta`` (0.1), ``beta`` (0.8) -- see above.
+* ``st_scale`` (None) -- when set, the factor of the intermediate heads'
+  sum instead of ``theta / beta`` (``beta`` is then not needed):
+  ``method_loss = crd_final + st_scale * sum(crd_0 .. crd_L)``. ``1.0`` is
+  the reference's ``--distill2 crdst`` term, ``loss_kd_crdSt + loss_kd_crd``
+  unweighted (then multiplied by ``kd2weights``; config ``method2.st_scale``).
 * ``feat_dim`` (128), ``nce_k`` (16384), ``nce_t`` (0.1: the reference's
   CIFAR-100 value; it uses 0.07 for Tiny-ImageNet/STL-10), ``nce_m`` (0.5),
   ``head`` (``'linear'``), and every other ``ContrastSetup`` field (``labels``,
@@ -82,7 +87,8 @@ CONTRAST_COLLECTION = "contrast"
 RNG_COLLECTION = "crdst_rng"
 DEFAULT_WEIGHTS = (1.0, 0.0, 0.8)  # scripts: -r 1 -a 0 -b 0.8 (theta 0.1)
 DEFAULTS = dict(st_method="Last", theta=0.1, beta=DEFAULT_WEIGHTS[2], feat_dim=128,
-                nce_t=0.1, nce_m=0.5, head="linear", model_s=None, model_t=None)
+                nce_t=0.1, nce_m=0.5, head="linear", model_s=None, model_t=None,
+                st_scale=None)
 
 
 def head_name(i: int) -> str:
@@ -111,7 +117,7 @@ def make_crdst(hparams: Mapping[str, Any]) -> Method:
     raise ValueError(f"crdst: unknown st_method {st_method!r}; valid: "
                      f"{', '.join(pairing.ST_METHODS)}")
   theta, beta = float(hp["theta"]), float(hp["beta"])
-  if not beta > 0.0:
+  if hp["st_scale"] is None and not beta > 0.0:
     raise ValueError(
         f"crdst needs beta > 0 (got {beta}): the train step weights the method loss by beta, "
         "and CKTF returns crd_final + (theta / beta) * sum(intermediate heads), so beta = 0 "
@@ -123,7 +129,7 @@ def make_crdst(hparams: Mapping[str, Any]) -> Method:
   pool_s = pairing.pool_kind_for_model(model_s)
   pool_t = pairing.pool_kind_for_model(str(model_t)) if model_t else pool_s
   model_t = str(model_t) if model_t else "(teacher)"
-  st_scale = theta / beta
+  st_scale = theta / beta if hp["st_scale"] is None else float(hp["st_scale"])
   setup = ContrastSetup.from_hparams(hp)
 
   def heads_of(feats_s: Features, feats_t: Features):

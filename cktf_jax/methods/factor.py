@@ -12,7 +12,7 @@ The reference's init stage uses lr 0.01 for CIFAR-style students (resnet*/wrn*)
 and ``--learning_rate`` otherwise (``helper/pretrain.py``).
 """
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,13 @@ from cktf_jax.models.features import Features
 
 # scripts/run_tiny-imagenet_distill.sh and run_2kds.sh: `--distill factor -r 1.0 -a 0 -b 200`.
 DEFAULT_WEIGHTS = (1.0, 0.0, 200.0)
+
+
+def init_learning_rate(model_s: str) -> Optional[float]:
+  """The init stage's lr: 0.01 for the CIFAR-style students (``resnet*``,
+  ``wrn*``: the reference lists resnet8..110, resnet8x4, resnet32x4 and
+  wrn_16/40_1/2), None (the run's ``learning_rate``) otherwise."""
+  return 0.01 if model_s.startswith(("resnet", "wrn")) else None
 
 
 @register_method("factor")
@@ -92,6 +99,6 @@ def factor_method(hparams: Mapping[str, Any]) -> Method:
     return value, {"factor_rec": value}, aux_state
 
   pretrain = PretrainStage(epochs=init_epochs, train_student=False, loss=init_loss,
-                           trainable=("paraphraser",))
+                           trainable=("paraphraser",), learning_rate_for=init_learning_rate)
   return Method(name="factor", init=init, loss=loss, pretrain=pretrain,
                 default_weights=DEFAULT_WEIGHTS, frozen_aux=("paraphraser",))

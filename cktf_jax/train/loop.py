@@ -11,7 +11,16 @@ in ``workdir``:
 * ``best_model/`` and ``last_model/``: the trained model's variables in the
   layout a teacher is read from (``models.convert.restore_converted``);
 * ``log.jsonl``: one JSON line per epoch (the reference's ``log.txt``);
-* ``config.json``: the config of the run, checked when a workdir is reused.
+* ``config.json``: the config of the run, checked when a workdir is reused;
+* for AB/FT/FSP (a method with a ``pretrain`` stage and
+  ``config.method.init_epochs > 0``): ``pretrain/``, the parts the init stage
+  trained (a checkpoint that is also its completion marker) and
+  ``pretrain_log.jsonl``, one line per init epoch.
+
+The init stage (``run_pretrain``) runs before the main stage, like the
+reference's ``helper/pretrain.py: init``; a resumed run that finds its
+checkpoint (or a main-stage checkpoint) does not run it again; one
+interrupted inside the stage reruns the stage from its start.
 
 Given an existing workdir, it resumes from the latest checkpoint.
 """
@@ -41,6 +50,12 @@ BEST_MODEL = "best_model"
 LAST_MODEL = "last_model"
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.json"
+PRETRAIN = "pretrain"
+PRETRAIN_LOG_FILE = "pretrain_log.jsonl"
+# The init stage's epoch e shuffles and augments as data epoch OFFSET + e - 1,
+# so its batches differ from the main stage's epoch e (the reference draws new
+# ones: it iterates its train loader again).
+PRETRAIN_EPOCH_OFFSET = 1_000_000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,8 +121,14 @@ def _zeros_like(tree):
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 
 
+def _method_context(config, train_set, mesh):
+  return dict(labels=train_set.labels, n_data=len(train_set), dataset=config.dataset.name,
+              mesh=mesh, model_s=config.student.model, model_t=config.teacher.model)
+
+
 def create_method(config: ml_collections.ConfigDict, train_set, mesh):
-  """The config's Method and its loss weights.
+  """The config's Method and its loss weights (``kd2``: ``weights.kd2weights``
+  when ``config.method2.name`` is set, else 0).
 
   Besides ``config.method``'s fields, every method factory gets the run's
   context (methods ignore what they do not use): the training labels and
@@ -115,20 +136,41 @@ def create_method(config: ml_collections.ConfigDict, train_set, mesh):
   mesh, the model names (CKTF's pooling rule) and the effective ``beta``.
   """
   hparams = config.method.to_dict()
-  hparams.update(labels=train_set.labels, n_data=len(train_set), dataset=config.dataset.name,
-                 mesh=mesh, model_s=config.student.model, model_t=config.teacher.model)
+  hparams.update(_method_context(config, train_set, mesh))
   defaults = methods.create_method(config.method.name, hparams).default_weights
   w = config.weights
   pick = lambda value, default: float(default if value is None else value)
   weights = step_lib.LossWeights(pick(w.gamma, defaults[0]), pick(w.alpha, defaults[1]),
-                                 pick(w.beta, defaults[2]), float(config.method.kd_T))
+                                 pick(w.beta, defaults[2]), float(config.method.kd_T),
+                                 float(w.kd2weights) if config.method2.name else 0.0)
   return methods.create_method(config.method.name, dict(hparams, beta=weights.beta)), weights
 
 
+def create_method2(config: ml_collections.ConfigDict, train_set, mesh):
+  """``config.method2``'s Method (the reference's ``--distill2``), or None when
+  its name is ''. It gets the same run context as the first method, and
+  ``beta = weights.kd2weights`` (the weight the step gives its loss)."""
+  if not config.method2.name:
+    return None
+  hparams = dict(config.method2.to_dict(), beta=float(config.weights.kd2weights),
+                 **_method_context(config, train_set, mesh))
+  return methods.create_method(config.method2.name, hparams)
+
+
+def _frozen_aux(method, method2):
+  """The main stage's frozen aux entries (paths when two methods are nested)."""
+  if method2 is None:
+    return method.frozen_aux if method is not None else ()
+  k1, k2 = step_lib.METHOD_KEYS
+  return (tuple(f"{k1}/{n}" for n in method.frozen_aux)
+          + tuple(f"{k2}/{n}" for n in method2.frozen_aux))
+
+
 def create_state(config: ml_collections.ConfigDict, model_name: str, student, teacher,
-                 teacher_variables, method, image_shape, steps_per_epoch: int):
-  """``(state, tx)``: student init as the reference inits it, the method's aux
-  parts created from the real feature shapes, and the reference's SGD."""
+                 teacher_variables, method, image_shape, steps_per_epoch: int, method2=None):
+  """``(state, tx)``: student init as the reference inits it, the methods' aux
+  parts created from the real feature shapes (nested under
+  ``step.METHOD_KEYS`` when there are two), and the reference's SGD."""
   rng = jax.random.PRNGKey(config.seed)
   init_rng, aux_rng, state_rng = jax.random.split(rng, 3)
   x = jnp.zeros((config.train.batch_size,) + tuple(image_shape), jnp.float32)
@@ -139,14 +181,91 @@ def create_state(config: ml_collections.ConfigDict, model_name: str, student, te
     feats_t = jax.eval_shape(lambda v: teacher.apply(v, x), teacher_variables)
     # Eager: a method may place its state itself (CRD's row-sharded banks).
     aux_variables = method.init(aux_rng, _zeros_like(feats_s), _zeros_like(feats_t))
+    if method2 is not None:
+      aux_variables = step_lib.nest_aux_variables(
+          aux_variables, method2.init(jax.random.fold_in(aux_rng, 2), _zeros_like(feats_s),
+                                      _zeros_like(feats_t)))
   t = config.train
   schedule = optim.step_learning_rate_fn(_learning_rate(config, model_name),
                                          t.lr_decay_epochs, t.lr_decay_rate, steps_per_epoch)
   params = {"student": student_variables["params"], "aux": aux_variables.get("params", {})}
-  tx = optim.distillation_optimizer(schedule, params, method.frozen_aux if method else (),
+  tx = optim.distillation_optimizer(schedule, params, _frozen_aux(method, method2),
                                     t.momentum, t.weight_decay, t.nesterov)
   state = step_lib.create_train_state(state_rng, student_variables, aux_variables, tx)
   return state, tx
+
+
+def _place(state, mesh):
+  """Everything replicated except what a method placed itself (row-sharded banks)."""
+  replicated = NamedSharding(mesh, P())
+  return jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated
+      else jax.device_put(x, replicated), state)
+
+
+def pretrain_optimizer(config: ml_collections.ConfigDict, method, method2, params,
+                       learning_rate: float):
+  """The init stage's SGD (the run's momentum and weight decay, constant lr)
+  over the first method's aux entries in ``pretrain.trainable`` and, with
+  ``pretrain.train_student``, the student's params but its classifier
+  (``optim.classifier_names``); everything else frozen (no update, no decay)."""
+  stage = method.pretrain
+  key1, key2 = step_lib.method_keys(method2)
+  prefix = "" if key1 is None else key1 + "/"
+  frozen = [prefix + name for name in step_lib.aux_part(params["aux"], key1)
+            if name not in stage.trainable]
+  if key2 is not None:
+    frozen.append(key2)
+  student = params["student"]
+  frozen_student = optim.classifier_names(student) if stage.train_student else tuple(student)
+  t = config.train
+  return optim.distillation_optimizer(learning_rate, params, frozen, t.momentum,
+                                      t.weight_decay, t.nesterov, frozen_student=frozen_student)
+
+
+def run_pretrain(config: ml_collections.ConfigDict, workdir: str, student, teacher,
+                 teacher_variables, method, method2, state, mesh, train_loader):
+  """``method.pretrain`` for ``pretrain.epochs`` epochs from ``state``; returns
+  ``state`` with the trained params, the student's BN statistics and the aux
+  state carried over (step, optimiser state and rng untouched). Restores the
+  stage's result instead when ``workdir/pretrain`` holds it."""
+  stage = method.pretrain
+  carried = lambda s: {"params": s.params, "batch_stats": s.batch_stats,
+                       "aux_state": s.aux_state}
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, PRETRAIN)),
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                                                       create=True))
+  if manager.latest_step() is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, carried(state))
+    done = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    print(f"init stage of {method.name}: restored from {os.path.join(workdir, PRETRAIN)}")
+    return state.replace(**done)
+  lr = stage.learning_rate_for(config.student.model) if stage.learning_rate_for else None
+  lr = float(lr if lr is not None else _learning_rate(config, config.student.model))
+  tx = pretrain_optimizer(config, method, method2, state.params, lr)
+  pre_state = _place(state.replace(step=jnp.zeros((), jnp.int32),
+                                   opt_state=tx.init(state.params)), mesh)
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, pre_state)
+  pretrain_step = jax.jit(
+      step_lib.make_pretrain_step(student, tx, teacher, method, method2=method2),
+      out_shardings=(shardings, NamedSharding(mesh, P())))
+  steps = train_loader.steps_per_epoch
+  for epoch in range(1, stage.epochs + 1):
+    start, step_metrics = time.time(), []
+    for batch in train_loader.epoch(PRETRAIN_EPOCH_OFFSET + epoch - 1):
+      pre_state, metrics = pretrain_step(pre_state, batch, teacher_variables)
+      step_metrics.append(metrics)
+    _check_finite(step_metrics, epoch, (epoch - 1) * steps)
+    means = _epoch_means(step_metrics)
+    record = {"stage": "init", "epoch": epoch, "lr": lr, "time_s": round(time.time() - start, 3),
+              **{f"init_{k}": v for k, v in means.items()}}
+    with open(os.path.join(workdir, PRETRAIN_LOG_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    print(f"init epoch {epoch}/{stage.epochs} ({method.name}) lr {lr:g} loss "
+          f"{means['loss']:.4f} ({record['time_s']:.1f}s)")
+  manager.save(stage.epochs, args=ocp.args.StandardSave(carried(pre_state)))
+  manager.wait_until_finished()
+  return state.replace(**carried(pre_state))
 
 
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -231,30 +350,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   if config.train.batch_size % mesh.size:
     raise ConfigError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
                       f"the {mesh.size} devices")
-  teacher = teacher_variables = method = None
+  teacher = teacher_variables = method = method2 = None
   weights = step_lib.LossWeights(1.0, 0.0, 0.0, float(config.method.kd_T))
   if distill:
     teacher, teacher_variables, _ = load_teacher(config)
   train_set, test_set = _datasets(config)
   if distill:
     method, weights = create_method(config, train_set, mesh)
+    method2 = create_method2(config, train_set, mesh)
   _check_workdir_config(workdir, config)
 
   train_loader = _loader(config, train_set, mesh, train=True)
   test_loader = _loader(config, test_set, mesh, train=False)
   image_shape = next(test_loader.epoch(0))["image"].shape[1:]
   state, tx = create_state(config, model_name, model, teacher, teacher_variables, method,
-                           image_shape, train_loader.steps_per_epoch)
+                           image_shape, train_loader.steps_per_epoch, method2)
   replicated = NamedSharding(mesh, P())
-  # Everything replicated except what a method placed itself (row-sharded banks).
-  state = jax.tree_util.tree_map(
-      lambda x: x if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated
-      else jax.device_put(x, replicated), state)
+  state = _place(state, mesh)
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   if teacher_variables is not None:
     teacher_variables = jax.device_put(teacher_variables, replicated)
 
-  train_step = jax.jit(step_lib.make_train_step(model, tx, weights, teacher, method),
+  train_step = jax.jit(step_lib.make_train_step(model, tx, weights, teacher, method,
+                                                method2=method2),
                        donate_argnums=(0,), out_shardings=(state_shardings, replicated))
   eval_step = jax.jit(step_lib.make_eval_step(model))
   if teacher is not None:
@@ -275,6 +393,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
     state, best = restored.state, restored.best
     start_epoch = int(state.step) // steps_per_epoch + 1
     print(f"resuming {workdir} from epoch {start_epoch} (step {int(state.step)})")
+  elif method is not None and method.pretrain is not None and method.pretrain.epochs > 0:
+    state = run_pretrain(config, workdir, model, teacher, teacher_variables, method, method2,
+                         state, mesh, train_loader)
 
   epochs = config.train.epochs
   test = None

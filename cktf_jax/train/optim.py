@@ -14,7 +14,7 @@ Schedule (``helper/util.py: adjust_learning_rate``, called before each epoch
 of ``150,180,210`` still runs at ``lr0``.
 """
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -49,21 +49,43 @@ def torch_sgd(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4,
   )
 
 
+def _is_frozen(path, frozen) -> bool:
+  names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+  return any(names[:len(f)] == f for f in frozen)
+
+
 def distillation_optimizer(learning_rate, params, frozen_aux: Sequence[str] = (),
                            momentum: float = 0.9, weight_decay: float = 5e-4,
-                           nesterov: bool = False) -> optax.GradientTransformation:
+                           nesterov: bool = False,
+                           frozen_student: Sequence[str] = ()) -> optax.GradientTransformation:
   """``torch_sgd`` over ``params = {'student': ..., 'aux': ...}``, except the aux
-  entries named in ``frozen_aux`` (``Method.frozen_aux``), which get no update
-  and no weight decay: they are outside the reference's ``trainable_list``."""
+  entries named in ``frozen_aux`` (``Method.frozen_aux``) and the student's
+  top-level entries named in ``frozen_student``, which get no update and no
+  weight decay: they are outside the reference's ``trainable_list``.
+
+  An entry of ``frozen_aux`` is a top-level name of ``params['aux']``
+  (``'connector'``) or a ``/``-separated path into it (``'method/connector'``
+  when the aux params of two methods are nested, see ``step.METHOD_KEYS``);
+  every leaf under it is frozen.
+  """
+  frozen_a = [tuple(f.split("/")) for f in frozen_aux]
+  frozen_s = [(f,) for f in frozen_student]
+  label = lambda frozen: (lambda path, _: "frozen" if _is_frozen(path, frozen) else "train")
   labels = {
-      "student": jax.tree_util.tree_map(lambda _: "train", params["student"]),
-      "aux": {name: jax.tree_util.tree_map(lambda _, n=name: "frozen" if n in frozen_aux
-                                           else "train", sub)
-              for name, sub in params["aux"].items()},
+      "student": jax.tree_util.tree_map_with_path(label(frozen_s), params["student"]),
+      "aux": jax.tree_util.tree_map_with_path(label(frozen_a), params["aux"]),
   }
   return optax.multi_transform(
       {"train": torch_sgd(learning_rate, momentum, weight_decay, nesterov),
        "frozen": optax.set_to_zero()}, labels)
+
+
+def classifier_names(student_params) -> Tuple[str, ...]:
+  """The student's classifier entries: the top-level params holding a 2-D
+  (``nn.Dense``) kernel (``fc``, ``linear``, ``classifier``, ``classifier.0``).
+  Everything else is the reference's ``get_feat_modules()``."""
+  return tuple(name for name, sub in student_params.items()
+               if isinstance(sub, dict) and "kernel" in sub and len(sub["kernel"].shape) == 2)
 
 
 def momentum_buffers(opt_state):

@@ -56,6 +56,34 @@ class LossWeights:
   alpha: float
   beta: float
   kd_T: float = 4.0
+  kd2: float = 0.0  # the second method's weight (reference --kd2weights)
+
+
+# With a second method, the aux params and aux state of the two are nested under
+# these keys (``params['aux'] = {'method': ..., 'method2': ...}``); with one
+# method they are the method's own (``params['aux'] = {'connector': ...}``).
+METHOD_KEYS = ("method", "method2")
+
+
+def aux_part(tree, key: Optional[str]):
+  """The part of ``params['aux']`` / ``aux_state`` that belongs to ``key``
+  (None: the whole tree, a single method's)."""
+  return tree if key is None else tree[key]
+
+
+def nest_aux_variables(variables1: Any, variables2: Any) -> Any:
+  """The aux variables of two methods (each ``Method.init``'s output) as one
+  tree: ``{'params': {'method': p1, 'method2': p2}, 'method': rest1,
+  'method2': rest2}``, so that ``create_train_state`` nests both params and
+  state under ``METHOD_KEYS``."""
+  v1, v2 = dict(variables1), dict(variables2)
+  k1, k2 = METHOD_KEYS
+  return {"params": {k1: v1.pop("params", {}), k2: v2.pop("params", {})}, k1: v1, k2: v2}
+
+
+def method_keys(method2: Optional[Method]) -> Tuple[Optional[str], Optional[str]]:
+  """The aux keys of the first and second method: ``(None, None)`` for one method."""
+  return METHOD_KEYS if method2 is not None else (None, None)
 
 
 def create_train_state(rng: Array, student_variables: Any, aux_variables: Any,
@@ -84,48 +112,36 @@ def topk_correct(logits: Array, labels: Array, mask: Optional[Array]) -> Tuple[A
   return jnp.sum(hits[:, 0] * w), jnp.sum(jnp.any(hits, axis=-1) * w)
 
 
-def make_train_step(student: nn.Module, tx: optax.GradientTransformation,
-                    weights: LossWeights, teacher: Optional[nn.Module] = None,
-                    method: Optional[Method] = None,
-                    augment: Optional[Callable[[Array, Array], Array]] = None):
-  """``train_step(state, batch, teacher_variables) -> (state, metrics)``.
+def _apply_student(student, params, batch_stats, images, mask, train: bool):
+  """``(features, new_batch_stats)``: the student forward, BN statistics
+  updated from the real examples in train mode, unchanged in eval mode."""
+  variables = {"params": params, "batch_stats": batch_stats}
+  if not train:
+    return student.apply(variables, images, train=False), batch_stats
+  feats, new_model_state = student.apply(variables, images, train=True, mask=mask,
+                                         mutable=["batch_stats"])
+  return feats, new_model_state["batch_stats"]
 
-  Args:
-    student: the model being trained.
-    tx: the optimiser (``optim.torch_sgd``).
-    weights: the loss weights.
-    teacher: the frozen teacher, or None for teacher training (CE only).
-    method: the distillation Method, or None (only CE and KD).
-    augment: ``augment(key, images) -> images`` run inside the step, or None
-      when the batch already holds network inputs.
 
-  ``batch``: see ``methods.base.Batch``. Metrics are per-batch means over the
-  real examples (``loss``, ``ce``, ``kd``, ``method`` and the method's terms)
-  plus ``top1``/``top5`` counts and ``count``.
-  """
+def _teacher_features(teacher, teacher_variables, images):
+  return jax.lax.stop_gradient(teacher.apply(teacher_variables, images, train=False))
 
-  def loss_fn(params, state: TrainState, batch: Batch, teacher_variables, images):
-    mask = batch.get("mask")
-    feats_s, new_model_state = student.apply(
-        {"params": params["student"], "batch_stats": state.batch_stats}, images,
-        train=True, mask=mask, mutable=["batch_stats"])
-    ce = cross_entropy(feats_s.logits, batch["label"], mask)
-    metrics = {"ce": ce}
-    loss = weights.gamma * ce
-    new_aux_state = state.aux_state
-    if teacher is not None:
-      feats_t = jax.lax.stop_gradient(teacher.apply(teacher_variables, images, train=False))
-      kd = distill_kl(feats_s.logits, feats_t.logits, weights.kd_T, mask)
-      metrics["kd"] = kd
-      loss = loss + weights.alpha * kd
-      if method is not None:
-        method_loss, method_metrics, new_aux_state = method.loss(
-            params["aux"], state.aux_state, feats_s, feats_t, batch, True)
-        metrics["method"] = method_loss
-        metrics.update({f"{method.name}/{k}": v for k, v in method_metrics.items()})
-        loss = loss + weights.beta * method_loss
-    metrics["loss"] = loss
-    return loss, (metrics, feats_s.logits, new_model_state["batch_stats"], new_aux_state)
+
+def _method_term(method: Method, loss_fn, key, params, state, feats_s, feats_t, batch, prefix):
+  """One method's ``(loss, metrics, new_aux_state)``, on its part of the aux trees;
+  the new aux state is the whole tree with that part replaced."""
+  value, terms, new_part = loss_fn(aux_part(params["aux"], key), aux_part(state.aux_state, key),
+                                   feats_s, feats_t, batch, True)
+  metrics = {f"{prefix}/{k}": v for k, v in terms.items()}
+  new_state = new_part if key is None else {**state.aux_state, key: new_part}
+  return value, metrics, new_state
+
+
+def _step_fn(loss_fn, tx, augment):
+  """``train_step(state, batch, teacher_variables)`` around
+  ``loss_fn(params, state, batch, teacher_variables, images) -> (loss,
+  (metrics, logits, batch_stats, aux_state))``: gradient, optimiser update,
+  accuracy counts."""
 
   def train_step(state: TrainState, batch: Batch, teacher_variables=None):
     images = batch["image"]
@@ -143,6 +159,88 @@ def make_train_step(student: nn.Module, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
+
+
+def make_train_step(student: nn.Module, tx: optax.GradientTransformation,
+                    weights: LossWeights, teacher: Optional[nn.Module] = None,
+                    method: Optional[Method] = None,
+                    augment: Optional[Callable[[Array, Array], Array]] = None,
+                    method2: Optional[Method] = None):
+  """``train_step(state, batch, teacher_variables) -> (state, metrics)``.
+
+  Args:
+    student: the model being trained.
+    tx: the optimiser (``optim.torch_sgd``).
+    weights: the loss weights.
+    teacher: the frozen teacher, or None for teacher training (CE only).
+    method: the distillation Method, or None (only CE and KD).
+    augment: ``augment(key, images) -> images`` run inside the step, or None
+      when the batch already holds network inputs.
+    method2: a second Method (reference ``--distill2``), adding
+      ``weights.kd2 * method2_loss``; its aux params/state and the first
+      method's are then nested under ``METHOD_KEYS``.
+
+  ``batch``: see ``methods.base.Batch``. Metrics are per-batch means over the
+  real examples (``loss``, ``ce``, ``kd``, ``method``, ``method2`` and the
+  methods' terms as ``<name>/<term>``) plus ``top1``/``top5`` counts and ``count``.
+  """
+  key1, key2 = method_keys(method2)
+
+  def loss_fn(params, state: TrainState, batch: Batch, teacher_variables, images):
+    mask = batch.get("mask")
+    feats_s, batch_stats = _apply_student(student, params["student"], state.batch_stats,
+                                          images, mask, train=True)
+    ce = cross_entropy(feats_s.logits, batch["label"], mask)
+    metrics = {"ce": ce}
+    loss = weights.gamma * ce
+    aux_state = state.aux_state
+    if teacher is not None:
+      feats_t = _teacher_features(teacher, teacher_variables, images)
+      kd = distill_kl(feats_s.logits, feats_t.logits, weights.kd_T, mask)
+      metrics["kd"] = kd
+      loss = loss + weights.alpha * kd
+      for m, key, name, w in ((method, key1, "method", weights.beta),
+                              (method2, key2, "method2", weights.kd2)):
+        if m is None:
+          continue
+        value, terms, aux_state = _method_term(m, m.loss, key, params,
+                                               state.replace(aux_state=aux_state), feats_s,
+                                               feats_t, batch, m.name)
+        metrics[name] = value
+        metrics.update(terms)
+        loss = loss + w * value
+    metrics["loss"] = loss
+    return loss, (metrics, feats_s.logits, batch_stats, aux_state)
+
+  return _step_fn(loss_fn, tx, augment)
+
+
+def make_pretrain_step(student: nn.Module, tx: optax.GradientTransformation,
+                       teacher: nn.Module, method: Method,
+                       augment: Optional[Callable[[Array, Array], Array]] = None,
+                       method2: Optional[Method] = None):
+  """The step of ``method.pretrain`` (reference ``helper/pretrain.py: init``):
+  ``loss = pretrain.loss`` on the first method's aux part, the teacher frozen
+  in eval mode, the student in train mode when the stage trains it (its
+  feature layers: AB, FSP) and in eval mode otherwise (FT), as the reference's
+  ``model_s.eval(); init_modules.train()`` leaves them. What is trained is up
+  to ``tx`` (``optim.distillation_optimizer`` with the rest frozen).
+  Same signature and metric layout as ``make_train_step``'s step.
+  """
+  stage = method.pretrain
+  key1, _ = method_keys(method2)
+
+  def loss_fn(params, state: TrainState, batch: Batch, teacher_variables, images):
+    mask = batch.get("mask")
+    feats_s, batch_stats = _apply_student(student, params["student"], state.batch_stats,
+                                          images, mask, train=stage.train_student)
+    feats_t = _teacher_features(teacher, teacher_variables, images)
+    loss, metrics, aux_state = _method_term(method, stage.loss, key1, params, state, feats_s,
+                                            feats_t, batch, method.name)
+    metrics["loss"] = loss
+    return loss, (metrics, feats_s.logits, batch_stats, aux_state)
+
+  return _step_fn(loss_fn, tx, augment)
 
 
 def make_eval_step(model: nn.Module):
