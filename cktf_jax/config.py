@@ -16,7 +16,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       models.check_model_name(config[field].model)
     except ValueError as e:
       raise ConfigError(f"config.{field}.model: {e}") from None
-  try:
-    methods.check_method_name(config.method.name)
-  except ValueError as e:
-    raise ConfigError(f"config.method.name: {e}") from None
+  for field in ("method", "method2"):
+    name = config[field].name if field in config else ""
+    if field == "method2" and not name:
+      continue  # no second method
+    try:
+      methods.check_method_name(name)
+    except ValueError as e:
+      raise ConfigError(f"config.{field}.name: {e}") from None

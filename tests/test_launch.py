@@ -27,6 +27,7 @@ def test_summary_prints_models_and_compression_ratio():
     ("--config.student.model=resnet9", "config.student.model: unknown model 'resnet9'; valid models are: resnet8,"),
     ("--config.teacher.model=vgg7", "config.teacher.model: unknown model 'vgg7'; valid models are: resnet8,"),
     ("--config.method.name=crd2", "config.method.name: unknown method 'crd2'; valid methods are: kd,"),
+    ("--config.method2.name=cktf", "config.method2.name: unknown method 'cktf'; valid methods are: kd,"),
     ("--config.mode=fly", "config.mode: unknown mode 'fly'; valid modes are: summary, "
      "train_teacher, distill, evaluate, quickstart"),
 ])
