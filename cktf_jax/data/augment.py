@@ -243,7 +243,10 @@ class ImagenetTransform:
         rh, rw = int(self.resize * h / w), self.resize
       if self.size > min(rh, rw):
         raise ValueError(f"CenterCrop({self.size}) is larger than the resized {rh}x{rw} image")
-      resized = jax.vmap(lambda image: resized_crop(image, (0, 0, h, w), (rh, rw)))(images)
+      if (rh, rw) == (h, w):  # PIL's Resize to the same size is a copy (Tiny-ImageNet test)
+        resized = images
+      else:
+        resized = jax.vmap(lambda image: resized_crop(image, (0, 0, h, w), (rh, rw)))(images)
       top = int(round((rh - self.size) / 2.0))
       left = int(round((rw - self.size) / 2.0))
       out = resized[:, top:top + self.size, left:left + self.size]
