@@ -26,8 +26,9 @@ from cktf_jax.losses.ab import ab_layer_weights, ab_losses
 from cktf_jax.losses.fitnet import hint_loss
 from cktf_jax.losses.fsp import fsp_losses
 from cktf_jax.losses.ft import ft_loss, ft_reconstruction_loss
+from cktf_jax.losses.at import match_spatial_size
 from cktf_jax.losses.modules import (Connector, ConvReg, Paraphraser, Translator,
-                                     VIDRegressor, conv_reg_branch, pool_to_smaller)
+                                     VIDRegressor, conv_reg_branch)
 from cktf_jax.losses.vid import vid_loss, vid_pred_var
 from cktf_jax.methods import MethodShapeError, create_method
 from cktf_jax.models import torch_import
@@ -242,7 +243,7 @@ def test_vid_parity():
   def total(params, xs):
     losses = []
     for i, (x, t) in enumerate(zip(xs, g_t)):
-      x, t = pool_to_smaller(x, t)
+      x, t = match_spatial_size(x, t)
       mod = VIDRegressor(x.shape[-1], t.shape[-1], t.shape[-1], eps=eps)
       pred_mean, log_scale = mod.apply({"params": params[str(i)]}, x)
       losses.append(vid_loss(pred_mean, t, log_scale, eps))

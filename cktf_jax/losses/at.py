@@ -35,7 +35,8 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
 def match_spatial_size(f_s: Array, f_t: Array) -> Tuple[Array, Array]:
   """Pool the map with the larger height to the other's ``(H, H)`` (NHWC).
 
-  Like ``distiller_zoo/AT.py`` and ``NST.py``: only the heights are compared
+  Like ``distiller_zoo/AT.py``, ``NST.py``, ``VID.py``, ``FT.py`` and ``FSP.py``:
+  only the heights are compared
   and the target is square ``(H_small, H_small)`` whatever the widths are;
   ``adaptive_avg_pool`` reproduces PyTorch's overlapping bins for
   non-divisible sizes. Equal heights leave both maps untouched.

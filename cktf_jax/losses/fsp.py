@@ -10,7 +10,8 @@ from typing import Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from cktf_jax.losses.modules import batch_mean, pool_to_smaller
+from cktf_jax.losses.at import match_spatial_size
+from cktf_jax.losses.modules import batch_mean
 
 Array = jax.Array
 
@@ -31,7 +32,7 @@ def fsp_matrices(g: Sequence[Array]) -> Tuple[Array, ...]:
   """
   out = []
   for bot, top in zip(g[:-1], g[1:]):
-    bot, top = pool_to_smaller(bot, top)
+    bot, top = match_spatial_size(bot, top)
     hw = bot.shape[1] * bot.shape[2]
     out.append(jnp.einsum("nhwb,nhwa->nab", bot, top) / hw)
   return tuple(out)

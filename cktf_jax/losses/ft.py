@@ -11,7 +11,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from cktf_jax.losses.modules import batch_mean, pool_to_smaller
+from cktf_jax.losses.at import match_spatial_size
+from cktf_jax.losses.modules import batch_mean
 
 Array = jax.Array
 
@@ -48,7 +49,7 @@ def ft_loss(factor_s: Array, factor_t: Array, p1: int = 2, p2: int = 1,
   Returns:
     A scalar.
   """
-  factor_s, factor_t = pool_to_smaller(factor_s, factor_t)
+  factor_s, factor_t = match_spatial_size(factor_s, factor_t)
   diff = ft_factor(factor_s, p1) - ft_factor(factor_t, p1)
   return batch_mean(jnp.abs(diff) if p2 == 1 else diff ** p2, mask)
 

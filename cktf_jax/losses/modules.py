@@ -68,23 +68,6 @@ def batch_count(x: Array, mask: Optional[Array] = None) -> Array:
   return jnp.maximum(jnp.sum(mask.astype(x.dtype)), 1.0)
 
 
-def pool_to_smaller(a: Array, b: Array) -> Tuple[Array, Array]:
-  """Adaptive-average-pool the spatially larger of two NHWC maps to the other's
-  height, as a square ``(H_small, H_small)``.
-
-  Reproduces the reference (``distiller_zoo/VID.py``, ``FT.py``, ``FSP.py``):
-  only ``shape[2]`` of the NCHW map (our H) is compared and the target size is
-  square, so non-square maps are not supported there either; non-divisible
-  sizes use PyTorch's overlapping bins (``layers.adaptive_avg_pool``).
-  """
-  a_h, b_h = a.shape[1], b.shape[1]
-  if a_h > b_h:
-    a = adaptive_avg_pool(a, (b_h, b_h))
-  elif a_h < b_h:
-    b = adaptive_avg_pool(b, (a_h, a_h))
-  return a, b
-
-
 def leaky_relu(x: Array) -> Array:
   """``nn.LeakyReLU(0.1)`` of the FT modules."""
   return jnp.where(x >= 0, x, 0.1 * x)
@@ -392,14 +375,3 @@ class VIDRegressor(nn.Module):
     pred_mean = _VIDSequential(self.in_channels, self.mid_channels, self.out_channels,
                                name="regressor")(x)
     return pred_mean, log_scale
-
-
-def pooled_hw(a_shape: Shape, b_shape: Shape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-  """The spatial sizes ``pool_to_smaller`` leaves two NHWC maps of these shapes
-  with; they must be equal for the losses that compare the maps."""
-  a_hw, b_hw = tuple(a_shape[1:3]), tuple(b_shape[1:3])
-  if a_hw[0] > b_hw[0]:
-    a_hw = (b_hw[0], b_hw[0])
-  elif a_hw[0] < b_hw[0]:
-    b_hw = (a_hw[0], a_hw[0])
-  return a_hw, b_hw

@@ -33,7 +33,7 @@ def vid_loss(pred_mean: Array, target: Array, log_scale: Array, eps: float = 1e-
       var_c = log(1 + exp(log_scale_c)) + eps
       L = mean_{n,h,w,c} 0.5 * ((mu[n,h,w,c] - t[n,h,w,c])^2 / var_c + log var_c)
 
-  The spatial sizes must already match (``losses.modules.pool_to_smaller``
+  The spatial sizes must already match (``losses.at.match_spatial_size``
   pools the larger map first, as the reference).
 
   Args:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from cktf_jax.losses.ft import ft_loss, ft_reconstruction_loss
-from cktf_jax.losses.modules import Paraphraser, Translator, ft_factor_channels, pooled_hw
+from cktf_jax.losses.at import pooled_spatial_shapes
+from cktf_jax.losses.modules import Paraphraser, Translator, ft_factor_channels
 from cktf_jax.methods.base import Method, MethodShapeError, PretrainStage, register_method
 from cktf_jax.models.features import Features
 
@@ -52,7 +53,7 @@ def factor_method(hparams: Mapping[str, Any]) -> Method:
     if ft_factor_channels(t[-1], k) < 1:
       raise MethodShapeError(f"factor: k={k} leaves int({t[-1]} * k) = 0 factor channels "
                              f"for the teacher's {t}; use a larger k")
-    s_hw, t_hw = pooled_hw(s, t)
+    s_hw, t_hw = pooled_spatial_shapes(s, t)
     if s_hw != t_hw:
       raise MethodShapeError(
           f"factor: the factors of student {s} and teacher {t} (NHWC) cannot be compared: "

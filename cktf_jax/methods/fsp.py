@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cktf_jax.losses.fsp import fsp_losses
-from cktf_jax.losses.modules import pooled_hw
+from cktf_jax.losses.at import pooled_spatial_shapes
 from cktf_jax.methods.base import Method, MethodShapeError, PretrainStage, register_method
 from cktf_jax.models.features import Features
 
@@ -52,7 +52,7 @@ def fsp_method(hparams: Mapping[str, Any]) -> Method:
           f"(e.g. resnet110/resnet20, wrn_40_2/wrn_16_2)")
     for who, all_shapes in (("student", s_all), ("teacher", t_all)):
       for i, (bot, top) in enumerate(zip(all_shapes[:-1], all_shapes[1:])):
-        b_hw, t_hw = pooled_hw(bot, top)
+        b_hw, t_hw = pooled_spatial_shapes(bot, top)
         if len(bot) != 4 or bot[0] != s_all[0][0] or b_hw != t_hw:
           raise MethodShapeError(
               f"fsp: the {who}'s maps {i} {bot} and {i + 1} {top} (NHWC) cannot form an "

@@ -3,7 +3,7 @@
 Reference ``train_student.py`` (``VIDLoss(C_s, C_t, C_t)`` for each pair of
 ``feat[1:-1]``, trained with the student) and ``helper/loops.py``
 (``loss_kd = sum(per-layer losses)``). Per layer, the spatially larger map is
-adaptive-average-pooled to the smaller first (``losses.modules.pool_to_smaller``).
+adaptive-average-pooled to the smaller first (``losses.at.match_spatial_size``).
 
 Unlike the reference's ``zip``, which silently pairs only the first
 ``min(#student, #teacher)`` stages, different stage counts are refused.
@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from cktf_jax.losses.modules import VIDRegressor, pool_to_smaller, pooled_hw
+from cktf_jax.losses.at import match_spatial_size, pooled_spatial_shapes
+from cktf_jax.losses.modules import VIDRegressor
 from cktf_jax.losses.vid import vid_loss
 from cktf_jax.methods.base import Method, MethodShapeError, register_method
 from cktf_jax.models.features import Features
@@ -38,7 +39,7 @@ def vid_method(hparams: Mapping[str, Any]) -> Method:
           f"{len(s_all)} student stages {s_all} and {len(t_all)} teacher stages {t_all} "
           f"(NHWC); use a teacher/student pair with the same number of stages")
     for i, (s, t) in enumerate(zip(s_all, t_all)):
-      s_hw, t_hw = pooled_hw(s, t)
+      s_hw, t_hw = pooled_spatial_shapes(s, t)
       if len(s) != 4 or len(t) != 4 or s[0] != t[0] or s_hw != t_hw:
         raise MethodShapeError(
             f"vid: stage {i} maps cannot be compared: student {s}, teacher {t} (NHWC); "
@@ -65,7 +66,7 @@ def vid_method(hparams: Mapping[str, Any]) -> Method:
     metrics, total = {}, jnp.zeros((), jnp.float32)
     for i, (mod, f_s, f_t) in enumerate(zip(modules(s_all, t_all), feats_s.stages,
                                             feats_t.stages)):
-      f_s, f_t = pool_to_smaller(f_s, jax.lax.stop_gradient(f_t))
+      f_s, f_t = match_spatial_size(f_s, jax.lax.stop_gradient(f_t))
       pred_mean, log_scale = mod.apply({"params": aux_params["vid"][str(i)]}, f_s)
       value = vid_loss(pred_mean, f_t, log_scale, eps, mask)
       metrics[f"vid_{i}"] = value
