@@ -25,9 +25,11 @@ def main(argv):
   from cktf_jax import config as config_lib
   from cktf_jax import data, methods, train
   from cktf_jax.models import torch_checkpoint
+  from cktf_jax.train import loop
 
   user_errors = (config_lib.ConfigError, data.DataNotFoundError, data.DataFormatError,
-                 methods.MethodShapeError, torch_checkpoint.CheckpointError)
+                 methods.MethodShapeError, torch_checkpoint.CheckpointError,
+                 loop.NonFiniteLossError)
   try:
     train.run(FLAGS.config, FLAGS.workdir)
   except user_errors as e:

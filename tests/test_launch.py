@@ -36,3 +36,15 @@ def test_bad_names_fail_before_anything_runs(override, message):
   assert result.returncode == 2
   assert message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                                        if p.stem not in ("__init__",)))
+def test_every_config_loads_and_validates(name):
+  import importlib
+
+  from cktf_jax import config as config_lib
+
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_lib.validate(config)
+  assert config.mode in ("summary", "train_teacher", "distill", "evaluate", "quickstart")

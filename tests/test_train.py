@@ -137,3 +137,14 @@ def test_quickstart_prints_the_table_with_every_method(tmp_path, capsys):
   for name in ("teacher", "student", "kd", "crd", "cktf"):
     assert os.path.exists(tmp_path / name / "best_model" / convert.META_FILE)
   assert table in capsys.readouterr().out
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_and_term(tmp_path):
+  config = _synthetic_config(epochs=1)
+  config.train.learning_rate = 1e30  # parameters overflow after the first update
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"loss term '\w+' is (nan|inf|-inf) at epoch 1, step \d+"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  # Nothing of the diverged run was saved as a checkpoint or a model.
+  assert not os.path.exists(tmp_path / "w" / "best_model")
+  assert not os.listdir(tmp_path / "w" / "checkpoints")
