@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import jax
 
 from cktf_jax.models.features import Features
+from cktf_jax.registry import Registry
 
 Array = jax.Array
 Variables = Dict[str, Any]
@@ -96,34 +97,16 @@ class Method:
 
 
 MethodFactory = Callable[[Mapping[str, Any]], Method]
-_METHODS: Dict[str, MethodFactory] = {}
-
-
-def register_method(name: str):
-  """Decorator for ``factory(hparams) -> Method``; ``hparams`` is the config's
-  ``method`` ConfigDict (or any mapping) with that method's hyper-parameters."""
-
-  def wrap(factory: MethodFactory) -> MethodFactory:
-    if name in _METHODS:
-      raise ValueError(f"method {name!r} is registered twice")
-    _METHODS[name] = factory
-    return factory
-
-  return wrap
-
-
-def method_names():
-  """Every registered method name (the reference's ``--distill`` values)."""
-  return list(_METHODS)
-
-
-def check_method_name(name: str) -> None:
-  """Raise ``ValueError`` listing the valid names when ``name`` is unknown."""
-  if name not in _METHODS:
-    raise ValueError(f"unknown method {name!r}; valid methods are: {', '.join(_METHODS)}")
+_METHODS: Registry[MethodFactory] = Registry("method")
+# Decorator for ``factory(hparams) -> Method``; ``hparams`` is the config's
+# ``method`` section (a dict) plus the run's context (see the module docstring).
+register_method = _METHODS.register
+# Every registered method name (the reference's ``--distill`` values).
+method_names = _METHODS.names
+# Raise ``ValueError`` listing the valid names when a name is unknown.
+check_method_name = _METHODS.check
 
 
 def create_method(name: str, hparams: Optional[Mapping[str, Any]] = None) -> Method:
   """The Method for the reference's ``--distill name``."""
-  check_method_name(name)
-  return _METHODS[name](dict(hparams or {}))
+  return _METHODS.get(name)(dict(hparams or {}))

@@ -1,46 +1,30 @@
 """One registry from the reference's ``model_dict`` names to Flax modules."""
 
 import math
-from typing import Callable, Dict
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cktf_jax.registry import Registry
+
 ModelFactory = Callable[[int], nn.Module]
-_MODELS: Dict[str, ModelFactory] = {}
-
-
-def register_model(name: str):
-  """Decorator: ``@register_model('resnet8')`` on a ``num_classes -> Module`` factory."""
-
-  def wrap(factory: ModelFactory) -> ModelFactory:
-    if name in _MODELS:
-      raise ValueError(f"model {name!r} is registered twice")
-    _MODELS[name] = factory
-    return factory
-
-  return wrap
-
-
-def model_names():
-  """Every registered model name, in registration order (the reference's order)."""
-  return list(_MODELS)
-
-
-def check_model_name(name: str) -> None:
-  """Raise ``ValueError`` listing the valid names when ``name`` is unknown."""
-  if name not in _MODELS:
-    raise ValueError(
-        f"unknown model {name!r}; valid models are: {', '.join(_MODELS)}")
+_MODELS: Registry[ModelFactory] = Registry("model")
+# Decorator: ``@register_model('resnet8')`` on a ``num_classes -> Module`` factory.
+register_model = _MODELS.register
+# Every registered model name, in registration order (the reference's order).
+model_names = _MODELS.names
+# Raise ``ValueError`` listing the valid names when a name is unknown.
+check_model_name = _MODELS.check
 
 
 def create_model(name: str, num_classes: int) -> nn.Module:
   """The Flax module for the reference's ``model_dict[name](num_classes=...)``."""
-  check_model_name(name)
+  factory = _MODELS.get(name)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
-  return _MODELS[name](num_classes)
+  return factory(num_classes)
 
 
 def abstract_variables(name: str, num_classes: int, image_size: int = 32):
