@@ -11,7 +11,11 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # 'summary' (model sizes), 'train_teacher' (train_teacher.py: CE only, trains
-  # config.teacher.model), 'distill' (train_student.py), 'quickstart'.
+  # config.teacher.model), 'distill' (train_student.py), 'fine_tune'
+  # (train_teacher.py --fine_tune: the classifier of config.student.model on
+  # the frozen features of config.fine_tune.checkpoint), 'transfer' (distill
+  # on the unlabeled split, then fine_tune: the STL-10 transfer of the paper),
+  # 'evaluate', 'quickstart'.
   config.mode = "summary"
   config.seed = 0
   config.progress = True  # a progress line per epoch with images/s and ETA
@@ -23,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.source = "auto"  # 'raw' (original archives in data_dir), 'tfds', 'auto'
   config.dataset.data_dir = "./data"
   config.dataset.num_train_categories = 0  # >0: CIFAR-100 train on labels < K only
+  # The split trained on: 'train', or 'unlabeled' (STL-10; every label set to 0,
+  # as the reference's dataset/stl10.py does, so only label-free losses make sense).
+  config.dataset.train_split = "train"
   # Only for name='synthetic': load_synthetic's options.
   config.dataset.synthetic = ml_collections.ConfigDict(
       {"num_examples": 256, "num_classes": 10, "image_size": 32, "seed": 0})
@@ -32,9 +39,16 @@ def get_config() -> ml_collections.ConfigDict:
   # A model directory: WORKDIR/best_model of a 'train_teacher' run, or the
   # OUT_DIR of `python -m cktf_jax.models.convert` from a PyTorch .pth.
   config.teacher.checkpoint = ""
+  # The teacher's (and so the distilled student's) class count when it differs
+  # from the dataset's: 200 for a Tiny-ImageNet teacher distilled on STL-10.
+  # None = config.dataset.num_classes.
+  config.teacher.num_classes = config_dict.placeholder(int)
 
   config.student = ml_collections.ConfigDict()
   config.student.model = "resnet8x4"
+  # The reference's --init_flag: start the student's conv weights from the
+  # teacher's where the parameter names (and shapes) match.
+  config.student.init_from_teacher = False
 
   # The reference's --distill and its hyper-parameters (train_student.py flags
   # where it has them); the whole section is passed to the method.
@@ -91,6 +105,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 5e-4
   config.train.nesterov = False
   config.train.checkpoint_every_epochs = 10
+  # A NaN/inf loss or gradient stops the run (False) or leaves the state as it
+  # was before that step and goes on (True; the skipped steps are counted).
+  config.train.skip_nonfinite = False
+  config.train.tensorboard = True  # TensorBoard event files in WORKDIR/tensorboard
+
+  # A jax.profiler trace of global steps [start_step, start_step + num_steps)
+  # into WORKDIR/profile (TensorBoard's profile plugin or Perfetto); 0 = off.
+  config.profile = ml_collections.ConfigDict()
+  config.profile.start_step = 0
+  config.profile.num_steps = 5
+
+  # mode='fine_tune': the model directory whose features are copied and frozen.
+  config.fine_tune = ml_collections.ConfigDict()
+  config.fine_tune.checkpoint = ""
 
   # mode='evaluate': the model directory to evaluate on the test split.
   config.eval = ml_collections.ConfigDict()

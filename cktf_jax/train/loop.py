@@ -43,9 +43,8 @@ from cktf_jax import data, methods, models
 from cktf_jax.config import ConfigError
 from cktf_jax.data import augment, pipeline
 from cktf_jax.models import convert
-from cktf_jax.train import optim, step as step_lib
+from cktf_jax.train import checkpoints as checkpoints_lib, optim, step as step_lib
 
-CHECKPOINTS = "checkpoints"
 BEST_MODEL = "best_model"
 LAST_MODEL = "last_model"
 LOG_FILE = "log.jsonl"
@@ -380,17 +379,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
                             test_loader)
     print(f"teacher {config.teacher.model}: test top-1 {teacher_eval['test_top1']:.2f}%")
 
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
-                                  options=options)
+  checkpoints = checkpoints_lib.StateCheckpoints(workdir)
   steps_per_epoch = train_loader.steps_per_epoch
   start_epoch, best = 1, {"test_top1": -1.0}
-  if manager.latest_step() is not None:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(manager.latest_step(),
-                               args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                       best=ocp.args.JsonRestore()))
-    state, best = restored.state, restored.best
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    state, best = restored
     start_epoch = int(state.step) // steps_per_epoch + 1
     print(f"resuming {workdir} from epoch {start_epoch} (step {int(state.step)})")
   elif method is not None and method.pretrain is not None and method.pretrain.epochs > 0:
@@ -434,9 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
       convert.save_model_dir(os.path.join(workdir, BEST_MODEL), model_name, d.num_classes,
                              jax.device_get(variables), meta, overwrite=True)
     if epoch % config.train.checkpoint_every_epochs == 0 or epoch == epochs:
-      manager.save(int(state.step), args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), best=ocp.args.JsonSave(best)))
-  manager.wait_until_finished()
+      checkpoints.save(state, best)
+  checkpoints.wait()
   variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
   final = test if test is not None else evaluate(eval_step, variables, test_loader)
   convert.save_model_dir(os.path.join(workdir, LAST_MODEL), model_name, d.num_classes,
