@@ -24,6 +24,20 @@ class DataFormatError(ValueError):
   """A data file (or array) is truncated or malformed; the message names it."""
 
 
+def check_label_range(where: str, labels: np.ndarray, num_classes: int,
+                      unlabeled: bool = False) -> None:
+  """Raise ``DataFormatError`` (prefixed ``where``) listing the first integer
+  labels outside ``[0, num_classes)``; ``-1`` is accepted when ``unlabeled``."""
+  bad = (labels < 0) | (labels >= num_classes)
+  if unlabeled:
+    bad &= labels != UNLABELED
+  if bad.any():
+    rows = np.flatnonzero(bad)
+    shown = ", ".join(f"row {r} = {labels[r]}" for r in rows[:5])
+    raise DataFormatError(f"{where}: {rows.size} labels outside [0, {num_classes}): "
+                          f"{shown}{', ...' if rows.size > 5 else ''}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
   """One split held in host memory.
@@ -85,14 +99,7 @@ class Dataset:
                             f"{getattr(labels, 'shape', '')}")
     if labels.shape[0] != images.shape[0]:
       raise DataFormatError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
-    bad = (labels < 0) | (labels >= self.num_classes)
-    if self.split == "unlabeled":
-      bad &= labels != UNLABELED
-    if bad.any():
-      rows = np.flatnonzero(bad)
-      shown = ", ".join(f"row {r} = {labels[r]}" for r in rows[:5])
-      raise DataFormatError(f"{where}: {rows.size} labels outside [0, {self.num_classes}): "
-                            f"{shown}{', ...' if rows.size > 5 else ''}")
+    check_label_range(where, labels, self.num_classes, self.split == "unlabeled")
     return self
 
   def keep_classes_below(self, k: int) -> "Dataset":

@@ -5,7 +5,8 @@ Under one ``data_dir``:
 * ``cifar-100-python/{train,test}``: Python pickles (``encoding='bytes'``);
   ``b'data'`` is uint8 ``[N, 3072]`` holding the R, G, B planes of a 32x32
   image row-major, ``b'fine_labels'`` the 100-class labels
-  (torchvision_custom/datasets/cifar.py).
+  (torchvision_custom/datasets/cifar.py). They are unpickled with only the
+  globals numpy arrays and bytes need, so a foreign pickle runs no code.
 * ``stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin``: X is uint8
   ``(N, 3, 96, 96)`` with each plane stored column-major, so NHWC is
   ``transpose(0, 3, 2, 1)``; y holds 1..10 (we return 0..9); the unlabeled
@@ -23,13 +24,15 @@ import io
 import os
 import pickle
 import zipfile
+import zlib
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from cktf_jax.data import instructions
-from cktf_jax.data.dataset import UNLABELED, DataFormatError, DataNotFoundError, Dataset
+from cktf_jax.data.dataset import (UNLABELED, DataFormatError, DataNotFoundError, Dataset,
+                                   check_label_range)
 
 CIFAR100_DIR = "cifar-100-python"
 STL10_DIR = "stl10_binary"
@@ -46,12 +49,56 @@ def _check_split(name: str, split: str, splits: Sequence[str]) -> None:
 
 
 def _require(name: str, data_dir: str, folder: str, files: Sequence[str]) -> None:
-  if not all(os.path.isfile(os.path.join(data_dir, folder, f)) for f in files):
-    raise DataNotFoundError(instructions.missing(name, data_dir, data_dir,
-                                                 [f"{folder}/{f}" for f in files]))
+  missing = [f"{folder}/{f}" for f in files
+             if not os.path.isfile(os.path.join(data_dir, folder, f))]
+  if missing:
+    raise DataNotFoundError(instructions.missing(name, data_dir, data_dir, missing))
 
 
 # ---------------------------------------------------------------- CIFAR-100
+
+# The only globals a CIFAR-100 pickle refers to: numpy arrays (as the originals,
+# Python 2 pickles, and numpy's protocol 2 and 5 pickles spell them) and bytes
+# as Python 3 writes them at protocol 2. Anything else is refused unloaded.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"), ("__builtin__", "bytes")})
+
+
+class _UnsafePickleError(pickle.UnpicklingError):
+  """The pickle refers to a global outside ``_CIFAR_PICKLE_GLOBALS``."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """``pickle.Unpickler`` resolving only ``_CIFAR_PICKLE_GLOBALS``: loading
+  runs no code a CIFAR-100 file does not need."""
+
+  def find_class(self, module: str, name: str):
+    if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+      raise _UnsafePickleError(f"refers to {module}.{name}, which a CIFAR-100 pickle never "
+                               f"holds; refusing to load it")
+    return super().find_class(module, name)
+
+
+def _read_cifar100_pickle(path: str) -> dict:
+  try:
+    with open(path, "rb") as f:
+      entry = _CifarUnpickler(f, encoding="bytes").load()
+  except _UnsafePickleError as e:
+    raise DataFormatError(f"{path}: {e}") from e
+  except Exception as e:  # Whatever the unpickler trips on, the file is damaged.
+    truncated = isinstance(e, EOFError) or "truncated" in str(e)
+    problem = "truncated" if truncated else "not a CIFAR-100 pickle"
+    raise DataFormatError(f"{path}: {problem} ({type(e).__name__}: {e}); extract "
+                          f"cifar-100-python.tar.gz again") from e
+  missing = [k for k in (b"data", b"fine_labels") if not isinstance(entry, dict) or k not in entry]
+  if missing:
+    found = sorted(entry, key=repr) if isinstance(entry, dict) else f"a {type(entry).__name__}"
+    raise DataFormatError(f"{path}: no {' or '.join(map(repr, missing))} in the pickle "
+                          f"(expected a dict holding b'data' and b'fine_labels'; got {found})")
+  return entry
 
 
 def load_cifar100_raw(data_dir: str, split: str) -> Dataset:
@@ -59,21 +106,18 @@ def load_cifar100_raw(data_dir: str, split: str) -> Dataset:
   _check_split("cifar100", split, ("train", "test"))
   _require("cifar100", data_dir, CIFAR100_DIR, (split,))
   path = os.path.join(data_dir, CIFAR100_DIR, split)
-  try:
-    with open(path, "rb") as f:
-      entry = pickle.load(f, encoding="bytes")
-  except Exception as e:  # Any unpickling failure means a damaged file.
-    raise DataFormatError(f"{path}: not a readable CIFAR-100 pickle ({type(e).__name__}: "
-                          f"{e}); the file is probably truncated: extract it again") from e
-  if not isinstance(entry, dict) or b"data" not in entry or b"fine_labels" not in entry:
-    keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-    raise DataFormatError(f"{path}: expected a dict with b'data' and b'fine_labels'; got {keys}")
+  entry = _read_cifar100_pickle(path)
   data = np.asarray(entry[b"data"])
   labels = np.asarray(entry[b"fine_labels"])
-  if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-    raise DataFormatError(f"{path}: b'data' must be uint8 [N, 3072]; got {data.dtype} {data.shape}")
+  if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or not data.shape[0]:
+    raise DataFormatError(f"{path}: b'data' must be uint8 [N, 3072] with N > 0 (one row per "
+                          f"32x32x3 image); got {data.dtype} {data.shape}")
   if labels.shape != (data.shape[0],):
-    raise DataFormatError(f"{path}: {data.shape[0]} images but {labels.size} fine_labels")
+    raise DataFormatError(f"{path}: {data.shape[0]} images but b'fine_labels' has shape "
+                          f"{labels.shape}; expected one label per image")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataFormatError(f"{path}: b'fine_labels' must be integers; got {labels.dtype}")
+  check_label_range(f"{path}: b'fine_labels'", labels, 100)  # Before int32 can wrap them.
   images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
   return Dataset(images, labels.astype(np.int32), "cifar100", 100, split, path).validate(32)
 
@@ -191,8 +235,36 @@ def open_tiny_imagenet_tree(folder: str, data_dir: str):
        f"(or {TINY_IMAGENET_DIR}.zip)"]))
 
 
-def _images_in(tree, rel: str) -> List[str]:
-  return [f"{rel}/{n}" for n in tree.listdir(rel) if n.lower().endswith(_IMAGE_EXTENSIONS)]
+def _read(tree, rel: str) -> bytes:
+  """``tree.read(rel)``; an unreadable file or damaged zip member is a ``DataFormatError``."""
+  try:
+    return tree.read(rel)
+  except (OSError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    raise DataFormatError(f"{tree.describe(rel)}: cannot read ({type(e).__name__}: {e})") from e
+
+
+def _read_lines(tree, rel: str) -> List[str]:
+  try:
+    return _read(tree, rel).decode().splitlines()
+  except UnicodeDecodeError as e:
+    raise DataFormatError(f"{tree.describe(rel)}: not a text file ({e})") from e
+
+
+def _few(names: Sequence[str]) -> str:
+  """``names`` for a message: the first five, then how many more; or 'none'."""
+  if not names:
+    return "none"
+  return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _class_images(tree, rel: str) -> List[str]:
+  """The image files in class folder ``rel``, which must hold at least one."""
+  if not tree.isdir(rel):
+    raise DataFormatError(f"{tree.describe(rel)}: missing")
+  found = [f"{rel}/{n}" for n in tree.listdir(rel) if n.lower().endswith(_IMAGE_EXTENSIONS)]
+  if not found:
+    raise DataFormatError(f"{tree.describe(rel)}: no images (*{', *'.join(_IMAGE_EXTENSIONS)})")
+  return found
 
 
 def tiny_imagenet_index(tree, split: str) -> Tuple[List[str], List[Tuple[str, int]]]:
@@ -200,35 +272,39 @@ def tiny_imagenet_index(tree, split: str) -> Tuple[List[str], List[Tuple[str, in
   _check_split("tiny_imagenet", split, ("train", "test"))
   if not tree.isfile("wnids.txt"):
     raise DataFormatError(f"{tree.describe('wnids.txt')}: missing")
-  wnids = sorted({w.strip() for w in tree.read("wnids.txt").decode().splitlines() if w.strip()})
+  wnids = sorted({w.strip() for w in _read_lines(tree, "wnids.txt") if w.strip()})
   label_of = {w: i for i, w in enumerate(wnids)}
   items: List[Tuple[str, int]] = []
   if split == "train":
-    found = tree.listdir("train") if tree.isdir("train") else []
+    found = ([n for n in tree.listdir("train") if tree.isdir(f"train/{n}")]
+             if tree.isdir("train") else [])
     if found != wnids:
-      raise DataFormatError(f"{tree.describe('train')}: class folders {found[:3]}... (n="
-                            f"{len(found)}) do not match the {len(wnids)} ids in wnids.txt")
+      raise DataFormatError(
+          f"{tree.describe('train')}: class folders do not match the {len(wnids)} ids in "
+          f"{tree.describe('wnids.txt')}: missing {_few(sorted(set(wnids) - set(found)))}; "
+          f"not in wnids.txt {_few(sorted(set(found) - set(wnids)))}")
     for w in wnids:
-      if not tree.isdir(f"train/{w}/images"):
-        raise DataFormatError(f"{tree.describe(f'train/{w}/images')}: missing")
-      items += [(p, label_of[w]) for p in _images_in(tree, f"train/{w}/images")]
+      items += [(p, label_of[w]) for p in _class_images(tree, f"train/{w}/images")]
   elif tree.isfile("val/val_annotations.txt"):
     annotations = tree.describe("val/val_annotations.txt")
     by_name = {}
-    for line_no, line in enumerate(tree.read("val/val_annotations.txt").decode().splitlines(), 1):
+    for line_no, line in enumerate(_read_lines(tree, "val/val_annotations.txt"), 1):
       if not line.strip():
         continue
       fields = line.split("\t")
       if len(fields) < 2 or fields[1] not in label_of:
         raise DataFormatError(f"{annotations}: line {line_no} is not '<file>\\t<wnid>...' with a "
                               f"wnid from wnids.txt: {line!r}")
+      if not tree.isfile(f"val/images/{fields[0]}"):
+        raise DataFormatError(f"{annotations}: line {line_no} names "
+                              f"{tree.describe(f'val/images/{fields[0]}')}, which is missing")
       by_name[fields[0]] = label_of[fields[1]]
     items = sorted(((f"val/images/{n}", l) for n, l in by_name.items()),
                    key=lambda item: (item[1], item[0]))
   elif tree.isdir("val") and all(w in label_of for w in tree.listdir("val")):
     for w in tree.listdir("val"):
       sub = f"val/{w}/images" if tree.isdir(f"val/{w}/images") else f"val/{w}"
-      items += [(p, label_of[w]) for p in _images_in(tree, sub)]
+      items += [(p, label_of[w]) for p in _class_images(tree, sub)]
   else:
     raise DataFormatError(f"{tree.describe('val')}: expected val/images + val/val_annotations.txt "
                           f"or one folder per wnid")
@@ -238,11 +314,18 @@ def tiny_imagenet_index(tree, split: str) -> Tuple[List[str], List[Tuple[str, in
 
 
 def decode_tiny_imagenet_image(tree, rel: str) -> Image.Image:
-  """One image as a 64x64 RGB PIL image (grayscale ones are converted)."""
+  """One image as a 64x64 RGB PIL image (grayscale ones are converted).
+
+  Another size is an error, not resized: every Tiny-ImageNet image is 64x64,
+  so another size means other data (which the reference's RandomResizedCrop
+  and Resize(64) would silently accept)."""
+  encoded = _read(tree, rel)
   try:
-    image = Image.open(io.BytesIO(tree.read(rel)))
-    image = image.convert("RGB")
-  except (OSError, KeyError, ValueError) as e:
+    image = Image.open(io.BytesIO(encoded)).convert("RGB")
+  except Image.UnidentifiedImageError as e:  # Its message names only the BytesIO.
+    raise DataFormatError(f"{tree.describe(rel)}: cannot decode image: not an image file in a "
+                          f"format PIL reads") from e
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise DataFormatError(f"{tree.describe(rel)}: cannot decode image ({e})") from e
   if image.size != (64, 64):
     raise DataFormatError(f"{tree.describe(rel)}: image is {image.size[0]}x{image.size[1]}, "
@@ -264,8 +347,11 @@ def load_tiny_imagenet_raw(data_dir: str, split: str) -> Dataset:
     for row in range(len(items)):
       decode(row)
   else:
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count())
+    try:
       list(pool.map(decode, range(len(items))))
+    finally:  # On a bad image, skip the rest instead of decoding them first.
+      pool.shutdown(cancel_futures=True)
   labels = np.array([label for _, label in items], np.int32)
   return Dataset(images, labels, "tiny_imagenet", len(wnids), split,
                  tree.describe("")).validate(64)

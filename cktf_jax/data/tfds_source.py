@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from cktf_jax.data import instructions
-from cktf_jax.data.dataset import DataNotFoundError, Dataset
+from cktf_jax.data.dataset import DataFormatError, DataNotFoundError, Dataset
 
 # Our split name -> the TFDS split name, per dataset.
 TFDS_SPLITS = {
@@ -21,6 +21,7 @@ TFDS_SPLITS = {
     "stl10": {"train": "train", "test": "test", "unlabeled": "unlabelled"},
     "tiny_imagenet": {"train": "train", "test": "validation"},
 }
+_PREPARE_AGAIN = "delete the dataset's folder and prepare it again (data.prepare_tfds)"
 
 
 def _tfds(name: str):
@@ -48,25 +49,32 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None):
     tfds = _tfds(name)
     self.name, self.split = name, split
+    tfds_split = _tfds_split(name, split)
+    root = data_dir or "~/tensorflow_datasets"
     try:
-      self._source = tfds.data_source(name, split=_tfds_split(name, split), data_dir=data_dir,
-                                      download=False)
+      self._source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
     except (NotImplementedError, FileNotFoundError) as e:
       # TFDS reports unprepared data as a missing TFRecord reader or missing files.
-      root = data_dir or "~/tensorflow_datasets"
-      expected = ["dataset_info.json", f"{name}-{_tfds_split(name, split)}.array_record-* "
+      expected = ["dataset_info.json", f"{name}-{tfds_split}.array_record-* "
                   "(prepared with file_format='array_record')"]
       raise DataNotFoundError(
           instructions.missing(name, root, os.path.join(root, name), expected)) from e
+    except Exception as e:  # A damaged dataset_info.json, features.json, ...
+      raise DataFormatError(f"{os.path.join(root, name)}: cannot open the prepared TFDS data "
+                            f"({type(e).__name__}: {e}); {_PREPARE_AGAIN}") from e
     info = self._source.dataset_info
     self.num_classes = int(info.features["label"].num_classes)
     self.location = os.fspath(info.data_dir)
+    self._files = os.path.join(self.location, f"{name}-{tfds_split}.array_record-*")
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, i: int):
-    row = self._source[int(i)]
+    try:
+      row = self._source[int(i)]
+    except RuntimeError as e:  # array_record's report of a truncated or corrupted file.
+      raise DataFormatError(f"{self._files}: cannot read row {i} ({e}); {_PREPARE_AGAIN}") from e
     return {"image": np.asarray(row["image"], np.uint8), "label": np.int32(row["label"])}
 
 
