@@ -6,6 +6,7 @@ and converting them to orbax (``models/convert.py``).
   strides, offsets and shared storages, and builds broken or malicious files.
 """
 
+import re
 import collections
 import io
 import json
@@ -351,3 +352,28 @@ def test_convert_cli_round_trip(tmp_path, capsys, resnet8):
   assert convert.main(["--model", "resnet8", "--num_classes", "10", str(path),
                        str(tmp_path / "bad")]) == 1
   assert "fc.weight" in capsys.readouterr().err
+
+
+def _largest_file(folder):
+  files = [p for p in folder.rglob("*") if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["garble_data", "truncate_data", "garble_meta"])
+def test_a_damaged_model_directory_is_named_not_used(tmp_path, resnet8, damage):
+  _, _, variables = resnet8
+  out = tmp_path / "teacher"
+  convert.save_model_dir(str(out), "resnet8", 100, variables)
+  if damage == "garble_meta":
+    (out / "meta.json").write_text("{not json")
+  else:
+    target = _largest_file(out / "variables")
+    raw = bytearray(target.read_bytes())
+    if damage == "truncate_data":
+      raw = raw[:len(raw) // 2]
+    else:
+      raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)  # zero a run in the middle
+    target.write_bytes(bytes(raw))
+  with pytest.raises(torch_checkpoint.CheckpointError,
+                     match=rf"model directory {re.escape(str(out))} is damaged"):
+    convert.restore_converted(str(out))

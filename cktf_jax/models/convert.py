@@ -17,8 +17,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import orbax.checkpoint as ocp
 
+from cktf_jax import checksums
 from cktf_jax.models.registry import abstract_variables, check_model_name
-from cktf_jax.models.torch_checkpoint import read_torch_file, split_checkpoint
+from cktf_jax.models.torch_checkpoint import CheckpointError, read_torch_file, split_checkpoint
 from cktf_jax.models.torch_import import state_dict_to_variables
 
 VARIABLES_DIR = "variables"
@@ -45,6 +46,7 @@ def save_model_dir(out_dir: str, model_name: str, num_classes: int, variables: D
       "num_classes": num_classes,
       "num_params": sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(variables["params"])),
       **(extra_meta or {}),
+      "crc32": checksums.tree_checksums(variables),
   }
   with open(os.path.join(out_dir, META_FILE), "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
@@ -66,16 +68,32 @@ def convert(in_path: str, out_dir: str, model_name: str, num_classes: int,
 
 
 def restore_converted(out_dir: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """``(meta, {'params', 'batch_stats'})`` of a directory written by ``convert``."""
+  """``(meta, {'params', 'batch_stats'})`` of a directory written by
+  ``save_model_dir``; ``CheckpointError`` naming the directory when it is
+  damaged (unreadable meta or variables, or variables that do not match the
+  checksums saved with them)."""
   out_dir = os.path.abspath(out_dir)
   meta_path = os.path.join(out_dir, META_FILE)
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f"{out_dir} is not a converted checkpoint (no {META_FILE})")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  template = abstract_variables(meta["model"], int(meta["num_classes"]))
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(os.path.join(out_dir, VARIABLES_DIR), template)
+  damaged = (f"the model directory {out_dir} is damaged; write it again (rerun the run that "
+             f"made it, or `python -m cktf_jax.models.convert`)")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    template = abstract_variables(meta["model"], int(meta["num_classes"]))
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{damaged}: {META_FILE} is unreadable ({type(e).__name__}: {e})") from None
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(os.path.join(out_dir, VARIABLES_DIR), template)
+  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+    raise CheckpointError(f"{damaged}: {VARIABLES_DIR}/ cannot be restored "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+  bad = checksums.mismatches(variables, meta["crc32"]) if "crc32" in meta else []
+  if bad:
+    raise CheckpointError(f"{damaged}: {len(bad)} arrays differ from their saved checksums "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
   return meta, variables
 
 
