@@ -43,7 +43,8 @@ from cktf_jax import data, methods, models
 from cktf_jax.config import ConfigError
 from cktf_jax.data import augment, pipeline
 from cktf_jax.models import convert
-from cktf_jax.train import checkpoints as checkpoints_lib, optim, step as step_lib
+from cktf_jax.train import checkpoints as checkpoints_lib, initialize, optim, profiling
+from cktf_jax.train import step as step_lib
 
 BEST_MODEL = "best_model"
 LAST_MODEL = "last_model"
@@ -51,6 +52,8 @@ LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.json"
 PRETRAIN = "pretrain"
 PRETRAIN_LOG_FILE = "pretrain_log.jsonl"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD = "tensorboard"
 # The init stage's epoch e shuffles and augments as data epoch OFFSET + e - 1,
 # so its batches differ from the main stage's epoch e (the reference draws new
 # ones: it iterates its train loader again).
@@ -61,10 +64,17 @@ class NonFiniteLossError(RuntimeError):
   """A loss became NaN or inf; the message names the epoch, step and term."""
 
 
+def distill_classes(config: ml_collections.ConfigDict) -> int:
+  """The teacher's and the distilled student's class count:
+  ``config.teacher.num_classes``, else the dataset's."""
+  t = config.teacher.num_classes
+  return int(t) if t is not None else int(config.dataset.num_classes)
+
+
 def load_teacher(config: ml_collections.ConfigDict):
   """``(module, variables, meta)`` of ``config.teacher``, checked against the config."""
   path = config.teacher.checkpoint
-  name, num_classes = config.teacher.model, config.dataset.num_classes
+  name, num_classes = config.teacher.model, distill_classes(config)
   how = (f"train one with this same config and `--config.mode=train_teacher --workdir WORKDIR` "
          f"(it trains {name} on {config.dataset.name}; then set "
          f"--config.teacher.checkpoint=WORKDIR/{BEST_MODEL}), or "
@@ -80,8 +90,10 @@ def load_teacher(config: ml_collections.ConfigDict):
     raise ConfigError(
         f"config.teacher.checkpoint={path!r} holds a {meta['model']} with "
         f"{meta['num_classes']} classes, but the config asks for teacher {name} with "
-        f"{num_classes} classes: set --config.teacher.model={meta['model']} or point "
-        f"config.teacher.checkpoint at a {name} trained on {config.dataset.name}")
+        f"{num_classes} classes: set --config.teacher.model={meta['model']} (and "
+        f"--config.teacher.num_classes={meta['num_classes']} if it was trained on another "
+        f"data set) or point config.teacher.checkpoint at a {name} trained on "
+        f"{config.dataset.name}")
   return models.create_model(name, num_classes), variables, meta
 
 
@@ -102,8 +114,10 @@ def _datasets(config: ml_collections.ConfigDict):
   train_options = dict(options)
   if d.num_train_categories:
     train_options["num_train_categories"] = d.num_train_categories
-  splits = (data.load_dataset(d.name, "train", **train_options),
-            data.load_dataset(d.name, "test", **options))
+  train = data.load_dataset(d.name, d.train_split, **train_options)
+  if d.train_split == "unlabeled":
+    train = train.relabel_unlabeled(0)  # dataset/stl10.py: every label 0
+  splits = (train, data.load_dataset(d.name, "test", **options))
   for split in splits:
     if split.num_classes != d.num_classes:
       raise ConfigError(f"config.dataset.num_classes={d.num_classes}, but {d.name} has "
@@ -165,15 +179,29 @@ def _frozen_aux(method, method2):
           + tuple(f"{k2}/{n}" for n in method2.frozen_aux))
 
 
+def _state_rngs(config: ml_collections.ConfigDict):
+  """``(student_init, aux_init, state)`` keys of the run."""
+  return jax.random.split(jax.random.PRNGKey(config.seed), 3)
+
+
+def init_student(config: ml_collections.ConfigDict, student, image_shape):
+  """The student's variables as ``create_state`` initialises them by default."""
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return jax.jit(lambda r: student.init(r, x))(_state_rngs(config)[0])
+
+
 def create_state(config: ml_collections.ConfigDict, model_name: str, student, teacher,
-                 teacher_variables, method, image_shape, steps_per_epoch: int, method2=None):
-  """``(state, tx)``: student init as the reference inits it, the methods' aux
-  parts created from the real feature shapes (nested under
-  ``step.METHOD_KEYS`` when there are two), and the reference's SGD."""
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, aux_rng, state_rng = jax.random.split(rng, 3)
+                 teacher_variables, method, image_shape, steps_per_epoch: int, method2=None,
+                 student_variables=None, frozen_student=()):
+  """``(state, tx)``: the student initialised as the reference does (or
+  ``student_variables`` when given), the methods' aux parts created from the
+  real feature shapes (nested under ``step.METHOD_KEYS`` when there are two),
+  and the reference's SGD, which leaves the student's top-level entries in
+  ``frozen_student`` alone."""
+  _, aux_rng, state_rng = _state_rngs(config)
   x = jnp.zeros((config.train.batch_size,) + tuple(image_shape), jnp.float32)
-  student_variables = jax.jit(lambda r: student.init(r, x[:1]))(init_rng)
+  if student_variables is None:
+    student_variables = init_student(config, student, image_shape)
   aux_variables = {}
   if method is not None:
     feats_s = jax.eval_shape(lambda v: student.apply(v, x), student_variables)
@@ -189,7 +217,8 @@ def create_state(config: ml_collections.ConfigDict, model_name: str, student, te
                                          t.lr_decay_epochs, t.lr_decay_rate, steps_per_epoch)
   params = {"student": student_variables["params"], "aux": aux_variables.get("params", {})}
   tx = optim.distillation_optimizer(schedule, params, _frozen_aux(method, method2),
-                                    t.momentum, t.weight_decay, t.nesterov)
+                                    t.momentum, t.weight_decay, t.nesterov,
+                                    frozen_student=frozen_student)
   state = step_lib.create_train_state(state_rng, student_variables, aux_variables, tx)
   return state, tx
 
@@ -239,6 +268,8 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, student, teach
     done = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
     print(f"init stage of {method.name}: restored from {os.path.join(workdir, PRETRAIN)}")
     return state.replace(**done)
+  # An interrupted stage reruns from its start: its earlier records go.
+  checkpoints_lib.truncate_log(os.path.join(workdir, PRETRAIN_LOG_FILE), 1)
   lr = stage.learning_rate_for(config.student.model) if stage.learning_rate_for else None
   lr = float(lr if lr is not None else _learning_rate(config, config.student.model))
   tx = pretrain_optimizer(config, method, method2, state.params, lr)
@@ -267,7 +298,8 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, student, teach
   return state.replace(**carried(pre_state))
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Write ``config`` to ``workdir/config.json``, or check it equals the one there."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if os.path.exists(path):
@@ -304,14 +336,16 @@ def _progress(epoch: int, epochs: int, done: int, total: int, start: float, imag
 def _epoch_means(metric_list) -> Dict[str, float]:
   """Example-weighted means of the per-step metrics (one host transfer per epoch)."""
   host = jax.device_get(metric_list)
-  count = sum(float(m["count"]) for m in host)
+  count = max(sum(float(m["count"]) for m in host), 1.0)  # 0 when every step was skipped
   means = {}
   for key in host[0]:
-    if key in ("top1", "top5", "count"):
+    if key in ("top1", "top5", "count", "skipped"):
       continue
     means[key] = sum(float(m[key]) * float(m["count"]) for m in host) / count
   means["top1"] = 100.0 * sum(float(m["top1"]) for m in host) / count
   means["top5"] = 100.0 * sum(float(m["top5"]) for m in host) / count
+  if "skipped" in host[0]:
+    means["skipped"] = int(sum(float(m["skipped"]) for m in host))
   return means
 
 
@@ -336,15 +370,61 @@ def evaluate(eval_step, variables, loader) -> Dict[str, float]:
           "test_top5": 100.0 * float(sums["top5"]) / count}
 
 
+def _tensorboard_writer(workdir: str, start_epoch: int):
+  """Event files in ``workdir/tensorboard``; events of epochs >= ``start_epoch``
+  from an interrupted earlier attempt are dropped (the epochs rerun)."""
+  # Imported here: benchmarks and the GPU check use the loop without it.
+  import tensorboardX
+  return tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD), purge_step=start_epoch)
+
+
+def _trained_model(config: ml_collections.ConfigDict):
+  """``(model name, class count)`` of the model a training mode trains."""
+  if config.mode == "train_teacher":
+    return config.teacher.model, int(config.dataset.num_classes)
+  if config.mode == "distill":
+    return config.student.model, distill_classes(config)
+  return config.student.model, int(config.dataset.num_classes)  # fine_tune
+
+
+def initial_student(config: ml_collections.ConfigDict, student, image_shape, teacher_variables):
+  """``(student_variables, frozen_student)`` for ``create_state``: ``(None, ())``
+  (the default init, everything trained) unless the config starts the student
+  from other weights: ``mode='fine_tune'`` (train_teacher.py --fine_tune: the
+  features of ``config.fine_tune.checkpoint``, frozen; a new classifier) or
+  ``student.init_from_teacher`` (--init_flag: the teacher's same-named convs)."""
+  if config.mode == "fine_tune":
+    path = config.fine_tune.checkpoint
+    if not path or not os.path.exists(os.path.join(path, convert.META_FILE)):
+      raise ConfigError(f"config.fine_tune.checkpoint={path!r} is not a model directory (the "
+                        f"WORKDIR/{BEST_MODEL} of a distill or train_teacher run)")
+    meta, trained = convert.restore_converted(path)
+    if meta["model"] != config.student.model:
+      raise ConfigError(f"config.fine_tune.checkpoint={path!r} holds a {meta['model']}, but "
+                        f"config.student.model is {config.student.model}")
+    variables = initialize.fine_tune_start(init_student(config, student, image_shape), trained,
+                                           path)
+    head = optim.classifier_names(variables["params"])
+    print(f"fine-tuning {', '.join(head)} of {meta['model']} on the frozen features of {path}")
+    return variables, tuple(n for n in variables["params"] if n not in head)
+  if config.mode == "distill" and config.student.init_from_teacher:
+    variables = init_student(config, student, image_shape)
+    params, copied = initialize.copy_teacher_convs(variables["params"],
+                                                   teacher_variables["params"])
+    print(f"student initialised from the teacher: {len(copied)} conv parameters copied")
+    return {**variables, "params": params}, ()
+  return None, ()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> Dict[str, Any]:
-  """Run ``config.mode`` 'train_teacher' or 'distill' to the end; returns the
-  final summary (best/last test accuracy and where the models are)."""
+  """Run ``config.mode`` 'train_teacher', 'distill' or 'fine_tune' to the end;
+  returns the final summary (best/last test accuracy and where the models are)."""
   if not workdir:
     raise ConfigError("--workdir is required to train (checkpoints and logs go there)")
   distill = config.mode == "distill"
   d = config.dataset
-  model_name = config.student.model if distill else config.teacher.model
-  model = models.create_model(model_name, d.num_classes)
+  model_name, num_classes = _trained_model(config)
+  model = models.create_model(model_name, num_classes)
   mesh = pipeline.data_mesh()
   if config.train.batch_size % mesh.size:
     raise ConfigError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
@@ -357,13 +437,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   if distill:
     method, weights = create_method(config, train_set, mesh)
     method2 = create_method2(config, train_set, mesh)
-  _check_workdir_config(workdir, config)
+  check_workdir_config(workdir, config)
+  if num_classes != d.num_classes:
+    print(f"note: the {model_name} has {num_classes} outputs and {d.name} {d.num_classes} "
+          f"classes; its test accuracy is over all {num_classes} outputs (as the reference "
+          f"reports step 1 of the STL-10 transfer)")
 
   train_loader = _loader(config, train_set, mesh, train=True)
   test_loader = _loader(config, test_set, mesh, train=False)
   image_shape = next(test_loader.epoch(0))["image"].shape[1:]
+  student_variables, frozen_student = initial_student(config, model, image_shape,
+                                                      teacher_variables)
   state, tx = create_state(config, model_name, model, teacher, teacher_variables, method,
-                           image_shape, train_loader.steps_per_epoch, method2)
+                           image_shape, train_loader.steps_per_epoch, method2,
+                           student_variables=student_variables, frozen_student=frozen_student)
   replicated = NamedSharding(mesh, P())
   state = _place(state, mesh)
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -371,7 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
     teacher_variables = jax.device_put(teacher_variables, replicated)
 
   train_step = jax.jit(step_lib.make_train_step(model, tx, weights, teacher, method,
-                                                method2=method2),
+                                                method2=method2,
+                                                skip_nonfinite=config.train.skip_nonfinite),
                        donate_argnums=(0,), out_shardings=(state_shardings, replicated))
   eval_step = jax.jit(step_lib.make_eval_step(model))
   if teacher is not None:
@@ -390,16 +478,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   elif method is not None and method.pretrain is not None and method.pretrain.epochs > 0:
     state = run_pretrain(config, workdir, model, teacher, teacher_variables, method, method2,
                          state, mesh, train_loader)
+  checkpoints_lib.truncate_log(os.path.join(workdir, LOG_FILE), start_epoch)
 
   epochs = config.train.epochs
   test = None
   show_progress = config.progress and sys.stdout.isatty()
   progress_every = max(1, steps_per_epoch // 20)
   log_path = os.path.join(workdir, LOG_FILE)
+  trace = profiling.StepTrace(config.profile.start_step, config.profile.num_steps, workdir)
+  writer = _tensorboard_writer(workdir, start_epoch) if config.train.tensorboard else None
   for epoch in range(start_epoch, epochs + 1):
     start, step_metrics = time.time(), []
     for i, batch in enumerate(train_loader.epoch(epoch - 1)):
+      global_step = (epoch - 1) * steps_per_epoch + i + 1
+      trace.before_step(global_step)
       state, metrics = train_step(state, batch, teacher_variables)
+      trace.after_step(global_step, metrics)
       step_metrics.append(metrics)
       if show_progress and (i + 1) % progress_every == 0 and i >= 1:
         # Wait for the step before this one only: one step stays in flight.
@@ -415,30 +509,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
               **{f"train_{k}": v for k, v in train_means.items()}, **test}
     with open(log_path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if writer is not None:
+      for key, value in record.items():
+        if key != "epoch":
+          writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+      writer.flush()
     if show_progress:
       sys.stdout.write("\r" + " " * 79 + "\r")
+    skipped = (f", {train_means['skipped']} non-finite steps skipped"
+               if train_means.get("skipped") else "")
     print(f"epoch {epoch}/{epochs} lr {lr:g} train loss {train_means['loss']:.4f} "
           f"top-1 {train_means['top1']:.2f}% | test loss {test['test_loss']:.4f} "
           f"top-1 {test['test_top1']:.2f}% top-5 {test['test_top5']:.2f}% "
-          f"({record['time_s']:.1f}s)")
+          f"({record['time_s']:.1f}s{skipped})")
     meta = {"epoch": epoch, "test_top1": test["test_top1"], "test_top5": test["test_top5"],
             "trained_by": config.mode}
     if test["test_top1"] > best["test_top1"]:
       best = {"epoch": epoch, "test_top1": test["test_top1"], "test_top5": test["test_top5"]}
-      convert.save_model_dir(os.path.join(workdir, BEST_MODEL), model_name, d.num_classes,
+      convert.save_model_dir(os.path.join(workdir, BEST_MODEL), model_name, num_classes,
                              jax.device_get(variables), meta, overwrite=True)
     if epoch % config.train.checkpoint_every_epochs == 0 or epoch == epochs:
       checkpoints.save(state, best)
+  trace.stop(state)
+  if writer is not None:
+    writer.close()
   checkpoints.wait()
   variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
   final = test if test is not None else evaluate(eval_step, variables, test_loader)
-  convert.save_model_dir(os.path.join(workdir, LAST_MODEL), model_name, d.num_classes,
+  convert.save_model_dir(os.path.join(workdir, LAST_MODEL), model_name, num_classes,
                          jax.device_get(variables),
                          {"epoch": epochs, **final, "trained_by": config.mode}, overwrite=True)
   summary = {"model": model_name, "best_top1": best["test_top1"], "best_epoch": best.get("epoch"),
              "last_top1": final["test_top1"], "best_model": os.path.join(workdir, BEST_MODEL),
              "last_model": os.path.join(workdir, LAST_MODEL)}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
+  with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
 

@@ -137,11 +137,26 @@ def _method_term(method: Method, loss_fn, key, params, state, feats_s, feats_t, 
   return value, metrics, new_state
 
 
-def _step_fn(loss_fn, tx, augment):
+def _skip_if_nonfinite(grads, metrics, new_state: TrainState, state: TrainState):
+  """``(state, metrics)``: when the loss or a gradient is NaN/inf, ``state``
+  with only its step advanced (the rng and the lr schedule move on), the
+  metrics zeroed with ``count`` 0 so epoch means leave the step out, and
+  ``skipped`` 1."""
+  finite = jnp.isfinite(metrics["loss"])
+  for g in jax.tree_util.tree_leaves(grads):
+    finite &= jnp.all(jnp.isfinite(g))
+  kept = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+  metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+  return kept.replace(step=new_state.step), metrics
+
+
+def _step_fn(loss_fn, tx, augment, skip_nonfinite: bool = False):
   """``train_step(state, batch, teacher_variables)`` around
   ``loss_fn(params, state, batch, teacher_variables, images) -> (loss,
   (metrics, logits, batch_stats, aux_state))``: gradient, optimiser update,
-  accuracy counts."""
+  accuracy counts; with ``skip_nonfinite``, a step with a NaN/inf loss or
+  gradient changes nothing but the step counter."""
 
   def train_step(state: TrainState, batch: Batch, teacher_variables=None):
     images = batch["image"]
@@ -156,6 +171,8 @@ def _step_fn(loss_fn, tx, augment):
                    count=batch_weights(batch.get("mask"), logits.shape[0])[0].sum())
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               aux_state=aux_state, opt_state=opt_state)
+    if skip_nonfinite:
+      return _skip_if_nonfinite(grads, metrics, new_state, state)
     return new_state, metrics
 
   return train_step
@@ -165,7 +182,7 @@ def make_train_step(student: nn.Module, tx: optax.GradientTransformation,
                     weights: LossWeights, teacher: Optional[nn.Module] = None,
                     method: Optional[Method] = None,
                     augment: Optional[Callable[[Array, Array], Array]] = None,
-                    method2: Optional[Method] = None):
+                    method2: Optional[Method] = None, skip_nonfinite: bool = False):
   """``train_step(state, batch, teacher_variables) -> (state, metrics)``.
 
   Args:
@@ -179,6 +196,8 @@ def make_train_step(student: nn.Module, tx: optax.GradientTransformation,
     method2: a second Method (reference ``--distill2``), adding
       ``weights.kd2 * method2_loss``; its aux params/state and the first
       method's are then nested under ``METHOD_KEYS``.
+    skip_nonfinite: leave the state as it was (but the step counter) when
+      the loss or a gradient is NaN/inf, and report ``skipped`` = 1.
 
   ``batch``: see ``methods.base.Batch``. Metrics are per-batch means over the
   real examples (``loss``, ``ce``, ``kd``, ``method``, ``method2`` and the
@@ -212,7 +231,7 @@ def make_train_step(student: nn.Module, tx: optax.GradientTransformation,
     metrics["loss"] = loss
     return loss, (metrics, feats_s.logits, batch_stats, aux_state)
 
-  return _step_fn(loss_fn, tx, augment)
+  return _step_fn(loss_fn, tx, augment, skip_nonfinite)
 
 
 def make_pretrain_step(student: nn.Module, tx: optax.GradientTransformation,
