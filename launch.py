@@ -2,6 +2,11 @@
 
 Flags: ``--config`` (a configs/*.py file; fields overridable as
 ``--config.student.model=resnet8``), ``--workdir`` (where a run writes).
+
+Multi-process: start it once per process with ``JAX_COORDINATOR_ADDRESS``
+(host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or
+under SLURM / Open MPI (see ``cktf_jax/distributed.py``); every process
+gets the same flags and sees the same files.
 """
 
 import sys
@@ -23,15 +28,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   # Imported after flag parsing: importing jax is slow.
   from cktf_jax import config as config_lib
-  from cktf_jax import data, methods, train
+  from cktf_jax import data, distributed, methods, train
   from cktf_jax.models import torch_checkpoint
   from cktf_jax.train import loop
 
   user_errors = (config_lib.ConfigError, data.DataNotFoundError, data.DataFormatError,
                  methods.MethodShapeError, torch_checkpoint.CheckpointError,
-                 loop.NonFiniteLossError)
+                 loop.NonFiniteLossError, distributed.DistributedSetupError)
   try:
-    train.run(FLAGS.config, FLAGS.workdir)
+    distributed.initialize_from_environment()  # before any jax computation
+    with distributed.stdout_of_writer_only():
+      train.run(FLAGS.config, FLAGS.workdir)
   except user_errors as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -20,7 +20,9 @@ Two ways to feed it: ``DeviceLoader`` keeps the uint8 split on every device
 (replicated) and gathers batches there (``jnp.take``), so only indices cross
 from the host; ``HostLoader`` reads rows from a random-access source (a TFDS
 data source, a ``Dataset``) in a background thread and ships uint8 batches.
-Both are single-process (one host).
+With several processes (``cktf_jax.distributed``) every process holds the same
+host data and computes the same indices; each fills only its own devices'
+shards of the global arrays.
 """
 
 import functools
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cktf_jax import distributed
 from cktf_jax.data.augment import example_keys
 from cktf_jax.data.dataset import Dataset
 
@@ -137,8 +140,8 @@ class DeviceLoader:
     self.num_examples = len(dataset)
     self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
     self.steps_per_epoch = steps_per_epoch(self.num_examples, batch_size)
-    self._images = jax.device_put(dataset.images, replicated)
-    self._labels = jax.device_put(dataset.labels, replicated)
+    self._images = distributed.global_array(dataset.images, replicated)
+    self._labels = distributed.global_array(dataset.labels, replicated)
     self._sharding = batch_sharding(mesh)
     self._fn = device_batch_fn(transform, mesh)
     self._key = jax.random.key(seed)
@@ -146,7 +149,7 @@ class DeviceLoader:
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
     for b in batches_for_epoch(self.num_examples, self.batch_size, seed=self.seed, epoch=epoch,
                                shuffle=self.shuffle, start_step=start_step):
-      indices, mask = jax.device_put((b.indices, b.mask), self._sharding)
+      indices, mask = distributed.global_tree((b.indices, b.mask), self._sharding)
       yield self._fn(self._images, self._labels, indices, mask, self._key, epoch)
 
 
@@ -221,6 +224,6 @@ class HostLoader:
     batches = batches_for_epoch(self.num_examples, self.batch_size, seed=self.seed, epoch=epoch,
                                 shuffle=self.shuffle, start_step=start_step)
     for hb in host_batches(self.source, batches, self.prefetch):
-      images, labels, indices, mask = jax.device_put(
+      images, labels, indices, mask = distributed.global_tree(
           (hb["image"], hb["label"], hb["index"], hb["mask"]), self._sharding)
       yield self._fn(images, labels, indices, mask, self._key, epoch)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from cktf_jax import checksums
+from cktf_jax import checksums, distributed
 from cktf_jax.models.registry import abstract_variables, check_model_name
 from cktf_jax.models.torch_checkpoint import CheckpointError, read_torch_file, split_checkpoint
 from cktf_jax.models.torch_import import state_dict_to_variables
@@ -32,7 +32,9 @@ def save_model_dir(out_dir: str, model_name: str, num_classes: int, variables: D
   """Write ``out_dir/variables`` (orbax) and ``out_dir/meta.json``; return the meta.
 
   The layout a teacher is read from (``restore_converted``), whether the
-  variables came from a PyTorch file or from our own training.
+  variables came from a PyTorch file or from our own training. With several
+  processes every one calls it (the orbax save is collective); process 0
+  writes ``meta.json``.
   """
   out_dir = os.path.abspath(out_dir)
   ckpt_dir = os.path.join(out_dir, VARIABLES_DIR)
@@ -48,9 +50,10 @@ def save_model_dir(out_dir: str, model_name: str, num_classes: int, variables: D
       **(extra_meta or {}),
       "crc32": checksums.tree_checksums(variables),
   }
-  with open(os.path.join(out_dir, META_FILE), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-    f.write("\n")
+  if distributed.is_writer():
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+      f.write("\n")
   return meta
 
 

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from cktf_jax import checksums
+from cktf_jax import checksums, distributed
 from cktf_jax.models import torch_checkpoint
 
 CHECKPOINTS = "checkpoints"
@@ -76,8 +76,9 @@ def _no_space(error: Optional[BaseException]) -> bool:
 
 def truncate_log(path: str, start_epoch: int) -> None:
   """Drop the records of epochs ``>= start_epoch`` (and a partly written last
-  line) from the JSON-lines log ``path``, if it exists."""
-  if not os.path.exists(path):
+  line) from the JSON-lines log ``path``, if it exists (process 0 only: the
+  one that writes logs)."""
+  if not distributed.is_writer() or not os.path.exists(path):
     return
   with open(path) as f:
     text = f.read()

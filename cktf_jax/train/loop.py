@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cktf_jax import data, methods, models
+from cktf_jax import data, distributed, methods, models
 from cktf_jax.config import ConfigError
 from cktf_jax.data import augment, pipeline
 from cktf_jax.models import convert
@@ -228,7 +228,7 @@ def _place(state, mesh):
   replicated = NamedSharding(mesh, P())
   return jax.tree_util.tree_map(
       lambda x: x if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated
-      else jax.device_put(x, replicated), state)
+      else distributed.global_array(x, replicated), state)
 
 
 def pretrain_optimizer(config: ml_collections.ConfigDict, method, method2, params,
@@ -289,8 +289,9 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, student, teach
     means = _epoch_means(step_metrics)
     record = {"stage": "init", "epoch": epoch, "lr": lr, "time_s": round(time.time() - start, 3),
               **{f"init_{k}": v for k, v in means.items()}}
-    with open(os.path.join(workdir, PRETRAIN_LOG_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if distributed.is_writer():
+      with open(os.path.join(workdir, PRETRAIN_LOG_FILE), "a") as f:
+        f.write(json.dumps(record) + "\n")
     print(f"init epoch {epoch}/{stage.epochs} ({method.name}) lr {lr:g} loss "
           f"{means['loss']:.4f} ({record['time_s']:.1f}s)")
   manager.save(stage.epochs, args=ocp.args.StandardSave(carried(pre_state)))
@@ -299,21 +300,22 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, student, teach
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Write ``config`` to ``workdir/config.json``, or check it equals the one there."""
+  """Write ``config.json`` into a new workdir (process 0), or refuse a workdir
+  of another config; every process checks, after process 0 has written."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    if previous != current:
-      diff = sorted(_diff_keys(previous, current))
-      raise ConfigError(f"workdir {workdir!r} holds a run of a different config (fields "
-                        f"{', '.join(diff)} differ); use a new --workdir, or the same config "
-                        f"to resume")
-  else:
+  if distributed.is_writer() and not os.path.exists(path):
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
       json.dump(current, f, indent=1, sort_keys=True)
+  distributed.barrier("workdir config written")
+  with open(path) as f:
+    previous = json.load(f)
+  if previous != current:
+    diff = sorted(_diff_keys(previous, current))
+    raise ConfigError(f"workdir {workdir!r} holds a run of a different config (fields "
+                      f"{', '.join(diff)} differ); use a new --workdir, or the same config "
+                      f"to resume")
 
 
 def _diff_keys(a, b, prefix=""):
@@ -455,7 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   state = _place(state, mesh)
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   if teacher_variables is not None:
-    teacher_variables = jax.device_put(teacher_variables, replicated)
+    teacher_variables = distributed.global_tree(teacher_variables, replicated)
 
   train_step = jax.jit(step_lib.make_train_step(model, tx, weights, teacher, method,
                                                 method2=method2,
@@ -485,8 +487,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   show_progress = config.progress and sys.stdout.isatty()
   progress_every = max(1, steps_per_epoch // 20)
   log_path = os.path.join(workdir, LOG_FILE)
-  trace = profiling.StepTrace(config.profile.start_step, config.profile.num_steps, workdir)
-  writer = _tensorboard_writer(workdir, start_epoch) if config.train.tensorboard else None
+  # Process 0 alone traces and writes events (one trace and one event file per job).
+  trace = profiling.StepTrace(config.profile.start_step if distributed.is_writer() else 0,
+                              config.profile.num_steps, workdir)
+  writer = (_tensorboard_writer(workdir, start_epoch)
+            if config.train.tensorboard and distributed.is_writer() else None)
   for epoch in range(start_epoch, epochs + 1):
     start, step_metrics = time.time(), []
     for i, batch in enumerate(train_loader.epoch(epoch - 1)):
@@ -507,8 +512,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
                                          config.train.lr_decay_epochs, config.train.lr_decay_rate))
     record = {"epoch": epoch, "lr": lr, "time_s": round(time.time() - start, 3),
               **{f"train_{k}": v for k, v in train_means.items()}, **test}
-    with open(log_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if distributed.is_writer():
+      with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     if writer is not None:
       for key, value in record.items():
         if key != "epoch":
@@ -542,8 +548,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   summary = {"model": model_name, "best_top1": best["test_top1"], "best_epoch": best.get("epoch"),
              "last_top1": final["test_top1"], "best_model": os.path.join(workdir, BEST_MODEL),
              "last_model": os.path.join(workdir, LAST_MODEL)}
-  with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-    json.dump(summary, f, indent=1)
+  if distributed.is_writer():
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+      json.dump(summary, f, indent=1)
   return summary
 
 
@@ -563,13 +570,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str
   mesh = pipeline.data_mesh()
   test_loader = _loader(config, _datasets(config)[1], mesh, train=False)
   model = models.create_model(meta["model"], int(meta["num_classes"]))
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  variables = distributed.global_tree(variables, NamedSharding(mesh, P()))
   result = {"checkpoint": os.path.abspath(path), "model": meta["model"],
             "dataset": config.dataset.name, "num_examples": test_loader.num_examples,
             **evaluate(jax.jit(step_lib.make_eval_step(model)), variables, test_loader)}
   print(f"{meta['model']} on {config.dataset.name} test ({result['num_examples']} images): "
         f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%")
-  if workdir:
+  if workdir and distributed.is_writer():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)

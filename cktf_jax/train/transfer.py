@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 
 import ml_collections
 
+from cktf_jax import distributed
 from cktf_jax.config import ConfigError
 from cktf_jax.train import loop
 
@@ -68,8 +69,9 @@ def run_transfer(config: ml_collections.ConfigDict, workdir: Optional[str]) -> D
             "best_epoch": results[FINE_TUNE]["best_epoch"],
             "distill_dir": os.path.join(workdir, DISTILL),
             "fine_tune_dir": os.path.join(workdir, FINE_TUNE)}
-  with open(os.path.join(workdir, TRANSFER_FILE), "w") as f:
-    json.dump(result, f, indent=1)
+  if distributed.is_writer():
+    with open(os.path.join(workdir, TRANSFER_FILE), "w") as f:
+      json.dump(result, f, indent=1)
   print(f"transfer {config.teacher.model} -> {config.student.model} ({config.method.name}): "
         f"{config.dataset.name} test top-1 {result['test_top1']:.2f}% (best epoch "
         f"{result['best_epoch']}), last {result['last_top1']:.2f}%")
