@@ -108,6 +108,7 @@ def cpu_model():
 def machine_info():
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   return {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
+          "numpy": np.__version__, "platform": platform.platform(),
           "loadavg_at_start": list(load) if load else None}
 
 

@@ -67,20 +67,27 @@ def locate_step(step: int, num_steps_per_epoch: int) -> Tuple[int, int]:
   return divmod(step, num_steps_per_epoch)
 
 
-def batches_for_epoch(num_examples: int, batch_size: int, *, seed: int = 0, epoch: int = 0,
-                      shuffle: bool = True, start_step: int = 0) -> Iterator[BatchIndices]:
-  """The epoch's ``BatchIndices`` from step ``start_step`` on; see the module docstring."""
+def epoch_table(num_examples: int, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                shuffle: bool = True) -> BatchIndices:
+  """Every step of the epoch at once: ``indices`` and ``mask`` of shape
+  ``[steps, batch_size]``; row ``s`` is step ``s``'s ``BatchIndices``. The
+  last batch is padded with the epoch's first rows (real data, mask False)."""
   if num_examples < 1 or batch_size < 1:
     raise ValueError(f"need num_examples >= 1 and batch_size >= 1; got {num_examples}, "
                      f"{batch_size}")
   order = epoch_order(num_examples, seed, epoch, shuffle)
-  for step in range(start_step, steps_per_epoch(num_examples, batch_size)):
-    rows = order[step * batch_size:(step + 1) * batch_size]
-    mask = np.zeros(batch_size, bool)
-    mask[:rows.size] = True
-    # Pad with the epoch's first rows: real data, excluded by the mask.
-    yield BatchIndices(np.resize(np.concatenate([rows, order]), batch_size).astype(np.int32),
-                       mask)
+  shape = (steps_per_epoch(num_examples, batch_size), batch_size)
+  positions = np.arange(shape[0] * batch_size)
+  return BatchIndices(np.resize(order, positions.size).reshape(shape).astype(np.int32),
+                      (positions < num_examples).reshape(shape))
+
+
+def batches_for_epoch(num_examples: int, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                      shuffle: bool = True, start_step: int = 0) -> Iterator[BatchIndices]:
+  """The epoch's ``BatchIndices`` from step ``start_step`` on; see the module docstring."""
+  table = epoch_table(num_examples, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+  for step in range(start_step, table.indices.shape[0]):
+    yield BatchIndices(table.indices[step], table.mask[step])
 
 
 # ---------------------------------------------------------------- device side
@@ -109,12 +116,15 @@ def _finish(transform, images, labels, indices, mask, key, epoch) -> Batch:
 
 
 def device_batch_fn(transform, mesh: Mesh):
-  """Jitted ``fn(images, labels, indices, mask, key, epoch) -> Batch`` that
-  gathers rows ``indices`` of the device-resident split (uint8 ``images``,
-  int32 ``labels``) with ``jnp.take``, augments them and shards the batch
-  ``P('data')``."""
+  """Jitted ``fn(images, labels, table_indices, table_mask, step, key, epoch)
+  -> Batch`` that takes row ``step`` of the device-resident epoch table
+  (``epoch_table``), gathers those rows of the device-resident split (uint8
+  ``images``, int32 ``labels``) with ``jnp.take``, augments them and shards
+  the batch ``P('data')``. Per step only the scalar ``step`` crosses from
+  the host."""
 
-  def fn(images, labels, indices, mask, key, epoch):
+  def fn(images, labels, table_indices, table_mask, step, key, epoch):
+    indices, mask = table_indices[step], table_mask[step]
     return _finish(transform, jnp.take(images, indices, axis=0), jnp.take(labels, indices),
                    indices, mask, key, epoch)
 
@@ -140,6 +150,7 @@ class DeviceLoader:
     self.num_examples = len(dataset)
     self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
     self.steps_per_epoch = steps_per_epoch(self.num_examples, batch_size)
+    self._replicated = replicated
     self._images = distributed.global_array(dataset.images, replicated)
     self._labels = distributed.global_array(dataset.labels, replicated)
     self._sharding = batch_sharding(mesh)
@@ -147,10 +158,11 @@ class DeviceLoader:
     self._key = jax.random.key(seed)
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-    for b in batches_for_epoch(self.num_examples, self.batch_size, seed=self.seed, epoch=epoch,
-                               shuffle=self.shuffle, start_step=start_step):
-      indices, mask = distributed.global_tree((b.indices, b.mask), self._sharding)
-      yield self._fn(self._images, self._labels, indices, mask, self._key, epoch)
+    table = epoch_table(self.num_examples, self.batch_size, seed=self.seed, epoch=epoch,
+                        shuffle=self.shuffle)
+    indices, mask = distributed.global_tree(tuple(table), self._replicated)  # once per epoch
+    for step in range(start_step, self.steps_per_epoch):
+      yield self._fn(self._images, self._labels, indices, mask, step, self._key, epoch)
 
 
 # ---------------------------------------------------------------- host side
