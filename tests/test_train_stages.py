@@ -152,7 +152,7 @@ def _three_steps(config, devices):
   t_vars = teacher.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
   state, tx = loop.create_state(config, "resnet5", student, teacher, t_vars, method,
                                 (32, 32, 3), loader.steps_per_epoch)
-  state = loop._place(state, mesh)
+  state = loop.place_state(state, mesh)
   t_vars = jax.device_put(t_vars, NamedSharding(mesh, P()))
   train_step = jax.jit(step_lib.make_train_step(student, tx, weights, teacher, method))
   metrics, images = [], []

@@ -134,7 +134,8 @@ def _zeros_like(tree):
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 
 
-def _method_context(config, train_set, mesh):
+def method_context(config, train_set, mesh):
+  """What every method factory gets besides ``config.method`` (see ``create_method``)."""
   return dict(labels=train_set.labels, n_data=len(train_set), dataset=config.dataset.name,
               mesh=mesh, model_s=config.student.model, model_t=config.teacher.model)
 
@@ -149,7 +150,7 @@ def create_method(config: ml_collections.ConfigDict, train_set, mesh):
   mesh, the model names (CKTF's pooling rule) and the effective ``beta``.
   """
   hparams = config.method.to_dict()
-  hparams.update(_method_context(config, train_set, mesh))
+  hparams.update(method_context(config, train_set, mesh))
   defaults = methods.create_method(config.method.name, hparams).default_weights
   w = config.weights
   pick = lambda value, default: float(default if value is None else value)
@@ -166,7 +167,7 @@ def create_method2(config: ml_collections.ConfigDict, train_set, mesh):
   if not config.method2.name:
     return None
   hparams = dict(config.method2.to_dict(), beta=float(config.weights.kd2weights),
-                 **_method_context(config, train_set, mesh))
+                 **method_context(config, train_set, mesh))
   return methods.create_method(config.method2.name, hparams)
 
 
@@ -223,7 +224,7 @@ def create_state(config: ml_collections.ConfigDict, model_name: str, student, te
   return state, tx
 
 
-def _place(state, mesh):
+def place_state(state, mesh):
   """Everything replicated except what a method placed itself (row-sharded banks)."""
   replicated = NamedSharding(mesh, P())
   return jax.tree_util.tree_map(
@@ -273,7 +274,7 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, student, teach
   lr = stage.learning_rate_for(config.student.model) if stage.learning_rate_for else None
   lr = float(lr if lr is not None else _learning_rate(config, config.student.model))
   tx = pretrain_optimizer(config, method, method2, state.params, lr)
-  pre_state = _place(state.replace(step=jnp.zeros((), jnp.int32),
+  pre_state = place_state(state.replace(step=jnp.zeros((), jnp.int32),
                                    opt_state=tx.init(state.params)), mesh)
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, pre_state)
   pretrain_step = jax.jit(
@@ -454,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
                            image_shape, train_loader.steps_per_epoch, method2,
                            student_variables=student_variables, frozen_student=frozen_student)
   replicated = NamedSharding(mesh, P())
-  state = _place(state, mesh)
+  state = place_state(state, mesh)
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   if teacher_variables is not None:
     teacher_variables = distributed.global_tree(teacher_variables, replicated)
