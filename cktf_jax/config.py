@@ -183,6 +183,7 @@ FIELD_RULES: Dict[str, Check] = {
     "train.weight_decay": number(at_least=0),
     "train.nesterov": boolean,
     "train.checkpoint_every_epochs": integer(at_least=1),
+    "train.steps_per_call": integer(at_least=1),
     "train.skip_nonfinite": boolean,
     "train.tensorboard": boolean,
     "profile.start_step": integer(at_least=0),

@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 5e-4
   config.train.nesterov = False
   config.train.checkpoint_every_epochs = 10
+  # Train steps per host call: k > 1 runs k steps (batch assembly and
+  # augmentation included) in one jitted lax.scan, keeping the host out of the
+  # loop on fast accelerators; the same result as k = 1 up to float rounding.
+  config.train.steps_per_call = 1
   # A NaN/inf loss or gradient stops the run (False) or leaves the state as it
   # was before that step and goes on (True; the skipped steps are counted).
   config.train.skip_nonfinite = False

@@ -81,6 +81,7 @@ BAD = [
     ({"train.weight_decay": float("nan")}, r"config\.train\.weight_decay: must be a number >= 0"),
     ({"train.checkpoint_every_epochs": 0}, r"config\.train\.checkpoint_every_epochs: must be an "
      r"int >= 1"),
+    ({"train.steps_per_call": 0}, r"config\.train\.steps_per_call: must be an int >= 1"),
     ({"profile.start_step": -2}, r"config\.profile\.start_step: must be an int >= 0"),
     ({"profile.num_steps": 0}, r"config\.profile\.num_steps: must be an int >= 1"),
     ({"dataset.num_classes": "100"}, r"config\.dataset\.num_classes: must be an int >= 1"),

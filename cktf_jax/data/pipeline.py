@@ -115,20 +115,20 @@ def _finish(transform, images, labels, indices, mask, key, epoch) -> Batch:
   return {"image": transform(images, keys), "label": labels, "index": indices, "mask": mask}
 
 
+def device_batch(transform, images, labels, table_indices, table_mask, step, key,
+                 epoch) -> Batch:
+  """Row ``step`` of the device-resident epoch table (``epoch_table``): those
+  rows of the device-resident split (uint8 ``images``, int32 ``labels``),
+  gathered with ``jnp.take`` and augmented. Traceable (``step`` may be traced)."""
+  indices, mask = table_indices[step], table_mask[step]
+  return _finish(transform, jnp.take(images, indices, axis=0), jnp.take(labels, indices),
+                 indices, mask, key, epoch)
+
+
 def device_batch_fn(transform, mesh: Mesh):
-  """Jitted ``fn(images, labels, table_indices, table_mask, step, key, epoch)
-  -> Batch`` that takes row ``step`` of the device-resident epoch table
-  (``epoch_table``), gathers those rows of the device-resident split (uint8
-  ``images``, int32 ``labels``) with ``jnp.take``, augments them and shards
-  the batch ``P('data')``. Per step only the scalar ``step`` crosses from
-  the host."""
-
-  def fn(images, labels, table_indices, table_mask, step, key, epoch):
-    indices, mask = table_indices[step], table_mask[step]
-    return _finish(transform, jnp.take(images, indices, axis=0), jnp.take(labels, indices),
-                   indices, mask, key, epoch)
-
-  return jax.jit(fn, out_shardings=batch_sharding(mesh))
+  """``device_batch`` jitted, the batch sharded ``P('data')``: per step only
+  the scalar ``step`` crosses from the host."""
+  return jax.jit(functools.partial(device_batch, transform), out_shardings=batch_sharding(mesh))
 
 
 def host_batch_fn(transform, mesh: Mesh):
@@ -154,15 +154,28 @@ class DeviceLoader:
     self._images = distributed.global_array(dataset.images, replicated)
     self._labels = distributed.global_array(dataset.labels, replicated)
     self._sharding = batch_sharding(mesh)
+    self._transform = transform
     self._fn = device_batch_fn(transform, mesh)
     self._key = jax.random.key(seed)
 
-  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+  def step_data(self, epoch: int):
+    """``(images, labels, table_indices, table_mask)`` of ``epoch`` on the
+    devices (the tables placed now, once per epoch): what ``batch_at`` reads."""
     table = epoch_table(self.num_examples, self.batch_size, seed=self.seed, epoch=epoch,
                         shuffle=self.shuffle)
-    indices, mask = distributed.global_tree(tuple(table), self._replicated)  # once per epoch
+    return (self._images, self._labels) + tuple(distributed.global_tree(tuple(table),
+                                                                        self._replicated))
+
+  def batch_at(self, data, step, epoch) -> Batch:
+    """Traceable batch ``step`` of ``epoch`` from ``step_data(epoch)``: for
+    batches made inside another jitted function (several steps per call)."""
+    batch = device_batch(self._transform, *data, step, self._key, epoch)
+    return jax.lax.with_sharding_constraint(batch, self._sharding)
+
+  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+    data = self.step_data(epoch)
     for step in range(start_step, self.steps_per_epoch):
-      yield self._fn(self._images, self._labels, indices, mask, step, self._key, epoch)
+      yield self._fn(*data, step, self._key, epoch)
 
 
 # ---------------------------------------------------------------- host side

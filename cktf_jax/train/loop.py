@@ -25,6 +25,7 @@ interrupted inside the stage reruns the stage from its start.
 Given an existing workdir, it resumes from the latest checkpoint.
 """
 
+import functools
 import json
 import math
 import os
@@ -336,6 +337,42 @@ def _progress(epoch: int, epochs: int, done: int, total: int, start: float, imag
   sys.stdout.flush()
 
 
+def _host_calls(train_step, multi_step, loader, epoch: int, steps_per_call: int):
+  """``(first step, number of steps, call)`` for each host call of ``epoch``,
+  ``call(state, teacher_variables) -> (state, metrics)``: ``steps_per_call``
+  steps per ``multi_step`` call, then the rest of the epoch one step per
+  ``train_step`` call (every step when ``multi_step`` is None)."""
+  singles_from = 0
+  if multi_step is not None:
+    data = loader.step_data(epoch)
+    singles_from = loader.steps_per_epoch - loader.steps_per_epoch % steps_per_call
+    for first in range(0, singles_from, steps_per_call):
+      yield first, steps_per_call, functools.partial(_call_multi, multi_step, data, first, epoch)
+  for i, batch in enumerate(loader.epoch(epoch, start_step=singles_from)):
+    yield singles_from + i, 1, functools.partial(_call_single, train_step, batch)
+
+
+def _call_multi(multi_step, data, first, epoch, state, teacher_variables):
+  return multi_step(state, teacher_variables, data, first, epoch)
+
+
+def _call_single(train_step, batch, state, teacher_variables):
+  return train_step(state, batch, teacher_variables)
+
+
+def _per_step(call_metrics):
+  """One metrics dict per step (host values), from each call's metrics (a
+  multi-step call's have a leading step axis): one transfer per epoch."""
+  steps = []
+  for m in jax.device_get(call_metrics):
+    first = next(iter(m.values()))
+    if np.ndim(first) == 0:
+      steps.append(m)
+    else:
+      steps.extend({k: v[i] for k, v in m.items()} for i in range(len(first)))
+  return steps
+
+
 def _epoch_means(metric_list) -> Dict[str, float]:
   """Example-weighted means of the per-step metrics (one host transfer per epoch)."""
   host = jax.device_get(metric_list)
@@ -460,10 +497,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   if teacher_variables is not None:
     teacher_variables = distributed.global_tree(teacher_variables, replicated)
 
-  train_step = jax.jit(step_lib.make_train_step(model, tx, weights, teacher, method,
-                                                method2=method2,
-                                                skip_nonfinite=config.train.skip_nonfinite),
-                       donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+  step_fn = step_lib.make_train_step(model, tx, weights, teacher, method, method2=method2,
+                                     skip_nonfinite=config.train.skip_nonfinite)
+  train_step = jax.jit(step_fn, donate_argnums=(0,),
+                       out_shardings=(state_shardings, replicated))
+  k = config.train.steps_per_call
+  multi_step = None if k == 1 else jax.jit(
+      step_lib.make_multi_step(step_fn, train_loader.batch_at, k), donate_argnums=(0,),
+      out_shardings=(state_shardings, replicated))
   eval_step = jax.jit(step_lib.make_eval_step(model))
   if teacher is not None:
     teacher_eval = evaluate(jax.jit(step_lib.make_eval_step(teacher)), teacher_variables,
@@ -490,21 +531,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
   log_path = os.path.join(workdir, LOG_FILE)
   # Process 0 alone traces and writes events (one trace and one event file per job).
   trace = profiling.StepTrace(config.profile.start_step if distributed.is_writer() else 0,
-                              config.profile.num_steps, workdir)
+                              config.profile.num_steps, workdir, k)
   writer = (_tensorboard_writer(workdir, start_epoch)
             if config.train.tensorboard and distributed.is_writer() else None)
   for epoch in range(start_epoch, epochs + 1):
     start, step_metrics = time.time(), []
-    for i, batch in enumerate(train_loader.epoch(epoch - 1)):
-      global_step = (epoch - 1) * steps_per_epoch + i + 1
+    for first, count, call in _host_calls(train_step, multi_step, train_loader, epoch - 1, k):
+      global_step = (epoch - 1) * steps_per_epoch + first + 1
       trace.before_step(global_step)
-      state, metrics = train_step(state, batch, teacher_variables)
-      trace.after_step(global_step, metrics)
+      state, metrics = call(state, teacher_variables)
+      trace.after_step(global_step + count - 1, metrics)
       step_metrics.append(metrics)
-      if show_progress and (i + 1) % progress_every == 0 and i >= 1:
-        # Wait for the step before this one only: one step stays in flight.
+      crossed = (first + count) // progress_every > first // progress_every
+      if show_progress and crossed and len(step_metrics) >= 2:
+        # Wait for the call before this one only: one call stays in flight.
         jax.block_until_ready(step_metrics[-2])
-        _progress(epoch, epochs, i, steps_per_epoch, start, i * config.train.batch_size)
+        _progress(epoch, epochs, first, steps_per_epoch, start, first * config.train.batch_size)
+    step_metrics = _per_step(step_metrics)
     _check_finite(step_metrics, epoch, (epoch - 1) * steps_per_epoch)
     train_means = _epoch_means(step_metrics)
     variables = {"params": state.params["student"], "batch_stats": state.batch_stats}

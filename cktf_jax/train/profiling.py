@@ -16,17 +16,21 @@ PROFILE = "profile"
 class StepTrace:
   """Traces the 1-based global steps ``[first, first + count)``; ``first=0``: off."""
 
-  def __init__(self, first: int, count: int, workdir: str):
+  def __init__(self, first: int, count: int, workdir: str, steps_per_call: int = 1):
     self.first, self.last = first, first + count - 1
+    self.steps_per_call = steps_per_call
     self.directory = os.path.join(workdir, PROFILE)
-    self.active = False
+    self.active = self.started = False
 
   def before_step(self, step: int) -> None:
-    if self.first and step == self.first:
+    """Called before the host call whose first step is ``step`` (with several
+    steps per call the trace starts at the call holding ``first``)."""
+    if self.first and not self.started and step >= self.first - self.steps_per_call + 1:
       jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
-      self.active = True
+      self.active = self.started = True
 
   def after_step(self, step: int, outputs) -> None:
+    """Called after the host call whose last step is ``step``."""
     if self.active and step >= self.last:
       self.stop(outputs)
 

@@ -234,6 +234,22 @@ def make_train_step(student: nn.Module, tx: optax.GradientTransformation,
   return _step_fn(loss_fn, tx, augment, skip_nonfinite)
 
 
+def make_multi_step(train_step, batch_at, num_steps: int):
+  """``multi_step(state, teacher_variables, data, first_step, epoch) -> (state,
+  metrics)``: ``num_steps`` calls of ``train_step`` in one ``lax.scan``, the
+  batch of step ``first_step + i`` made on device by ``batch_at(data, step,
+  epoch)`` (``DeviceLoader.batch_at``); every metric gets a leading
+  ``[num_steps]`` axis. The host is out of the loop for ``num_steps`` steps."""
+
+  def multi_step(state: TrainState, teacher_variables, data, first_step, epoch):
+    def one(state, i):
+      return train_step(state, batch_at(data, first_step + i, epoch), teacher_variables)
+
+    return jax.lax.scan(one, state, jnp.arange(num_steps))
+
+  return multi_step
+
+
 def make_pretrain_step(student: nn.Module, tx: optax.GradientTransformation,
                        teacher: nn.Module, method: Method,
                        augment: Optional[Callable[[Array, Array], Array]] = None,
