@@ -65,6 +65,15 @@ class NonFiniteLossError(RuntimeError):
   """A loss became NaN or inf; the message names the epoch, step and term."""
 
 
+def restore_model_dir(field: str, path: str, what: str):
+  """``(meta, variables)`` of the model directory named by ``config.<field>``,
+  or a ``ConfigError`` saying it is not one and ``what`` would be."""
+  if not path or not os.path.exists(os.path.join(path, convert.META_FILE)):
+    raise ConfigError(f"config.{field}={path!r} is not a model directory (no "
+                      f"{convert.META_FILE}); {what}")
+  return convert.restore_converted(path)
+
+
 def distill_classes(config: ml_collections.ConfigDict) -> int:
   """The teacher's and the distilled student's class count:
   ``config.teacher.num_classes``, else the dataset's."""
@@ -83,10 +92,7 @@ def load_teacher(config: ml_collections.ConfigDict):
          f"--num_classes {num_classes} IN.pth OUT_DIR`")
   if not path:
     raise ConfigError(f"config.teacher.checkpoint is empty: distillation needs a teacher; {how}")
-  if not os.path.exists(os.path.join(path, convert.META_FILE)):
-    raise ConfigError(f"config.teacher.checkpoint={path!r} is not a model directory (no "
-                      f"{convert.META_FILE}); {how}")
-  meta, variables = convert.restore_converted(path)
+  meta, variables = restore_model_dir("teacher.checkpoint", path, how)
   if meta["model"] != name or int(meta["num_classes"]) != num_classes:
     raise ConfigError(
         f"config.teacher.checkpoint={path!r} holds a {meta['model']} with "
@@ -435,10 +441,9 @@ def initial_student(config: ml_collections.ConfigDict, student, image_shape, tea
   ``student.init_from_teacher`` (--init_flag: the teacher's same-named convs)."""
   if config.mode == "fine_tune":
     path = config.fine_tune.checkpoint
-    if not path or not os.path.exists(os.path.join(path, convert.META_FILE)):
-      raise ConfigError(f"config.fine_tune.checkpoint={path!r} is not a model directory (the "
-                        f"WORKDIR/{BEST_MODEL} of a distill or train_teacher run)")
-    meta, trained = convert.restore_converted(path)
+    meta, trained = restore_model_dir("fine_tune.checkpoint", path,
+                                      f"use the WORKDIR/{BEST_MODEL} of a distill or "
+                                      f"train_teacher run")
     if meta["model"] != config.student.model:
       raise ConfigError(f"config.fine_tune.checkpoint={path!r} holds a {meta['model']}, but "
                         f"config.student.model is {config.student.model}")
@@ -603,11 +608,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str
   ``config.eval.checkpoint`` on the test split of ``config.dataset``; printed,
   and written to ``workdir/eval.json`` when a workdir is given."""
   path = config.eval.checkpoint
-  if not path or not os.path.exists(os.path.join(path, convert.META_FILE)):
-    raise ConfigError(f"config.eval.checkpoint={path!r} is not a model directory (a "
-                      f"WORKDIR/{BEST_MODEL} or WORKDIR/{LAST_MODEL} of a run, or the OUT_DIR "
-                      f"of cktf_jax.models.convert)")
-  meta, variables = convert.restore_converted(path)
+  meta, variables = restore_model_dir("eval.checkpoint", path,
+                                      f"use a WORKDIR/{BEST_MODEL} or WORKDIR/{LAST_MODEL} of a "
+                                      f"run, or the OUT_DIR of cktf_jax.models.convert")
   if int(meta["num_classes"]) != config.dataset.num_classes:
     raise ConfigError(f"{path} holds a {meta['model']} with {meta['num_classes']} classes; "
                       f"config.dataset.num_classes is {config.dataset.num_classes}")
