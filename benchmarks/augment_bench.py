@@ -19,7 +19,6 @@ This is a benchmark, not a test. Usage (see benchmarks/README.md)::
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,8 @@ import sys
 import time
 
 import numpy as np
+
+from contrast_bench import write_json  # noqa: E402  (numpy + stdlib only)
 
 # name -> stored (height, width) of one image: what the loaders return.
 IMAGE_SIZES = {"cifar100": 32, "digits": 32, "synthetic": 32, "tiny_imagenet": 64, "stl10": 96}
@@ -103,9 +104,7 @@ def main(argv=None):
         f"{result['images_per_s_median']:.0f} images/s median "
         f"[{result['images_per_s_min']:.0f}-{result['images_per_s_max']:.0f}] "
         f"(compile {compile_s:.2f} s)")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  write_json(args.json, result, indent=1)
   return result
 
 

@@ -112,6 +112,13 @@ def machine_info():
           "loadavg_at_start": list(load) if load else None}
 
 
+def write_json(path, result, indent=2) -> None:
+  """``result`` as JSON at ``path`` (nothing when ``path`` is empty)."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=indent)
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--n", type=int, default=50000, help="dataset size = memory rows (50000: CIFAR-100)")
@@ -300,9 +307,7 @@ def main(argv=None):
     del bank, o1, o2, compiled, fourth
 
   result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+  write_json(args.json, result)
   return result
 
 

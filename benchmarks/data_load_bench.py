@@ -28,7 +28,6 @@ This is a benchmark, not a test. Usage (see benchmarks/README.md)::
 """
 
 import argparse
-import json
 import os
 import pickle
 import statistics
@@ -37,6 +36,9 @@ import time
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from contrast_bench import write_json  # noqa: E402  (numpy + stdlib only)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -140,9 +142,7 @@ def main(argv=None):
     print(f"{name:13s} {split:9s} {str(options):24s} n={n:6d} {median:8.3f} s "
           f"[{min(times):.3f}-{max(times):.3f}]  {row['us_per_image']:8.1f} us/image "
           f"{row['mb_per_s']:8.0f} MB/s", flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  write_json(args.json, results, indent=1)
   return results
 
 

@@ -19,7 +19,6 @@ This is a benchmark, not a test. Usage (see benchmarks/README.md)::
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from augment_bench import IMAGE_SIZES, make_images  # noqa: E402  (numpy only)
+from contrast_bench import write_json  # noqa: E402  (numpy + stdlib only)
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -114,9 +114,7 @@ def main(argv=None):
         f"[{result['images_per_s']['min']:.0f}-{result['images_per_s']['max']:.0f}] "
         f"(fromarray + transform; transform only {result['images_per_s_transform_only']['median']:.0f}; "
         f"with collate {result['images_per_s_with_collate']:.0f})")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  write_json(args.json, result, indent=1)
   return result
 
 

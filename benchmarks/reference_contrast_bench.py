@@ -29,7 +29,6 @@ benchmark, not a test; it needs PyTorch, which is not a project dependency::
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -37,7 +36,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from contrast_bench import NUM_CLASSES, machine_info, make_inputs, repeat_medians, summarize  # noqa: E402
+from contrast_bench import (NUM_CLASSES, machine_info, make_inputs, repeat_medians,  # noqa: E402
+                            summarize, write_json)
 
 
 def load_reference_memory(reference):
@@ -161,9 +161,7 @@ def main(argv=None):
     print(f"{name}: median {e['median_s'] * 1e3:.1f} ms  [{e['min_s'] * 1e3:.1f}, "
           f"{e['max_s'] * 1e3:.1f}] over {e['count']} steps; repeat medians "
           f"{[round(x * 1e3, 1) for x in e['repeat_medians_s']]} ms", flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+  write_json(args.json, result)
   return result
 
 

@@ -73,7 +73,7 @@ import types
 
 import numpy as np
 
-from contrast_bench import machine_info  # noqa: E402  (numpy + stdlib only, like this file)
+from contrast_bench import machine_info, write_json  # noqa: E402  (numpy + stdlib only, like this file)
 
 # Parts timed on both sides, in table order, with what each one covers.
 PARTS = ("augment", "sampling", "memory", "losses", "optimizer", "teacher_fwd", "student_fwdbwd")
@@ -485,9 +485,7 @@ def main(argv=None):
     timed("student_fwdbwd", student_fwdbwd)
 
   result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+  write_json(args.json, result)
   return result
 
 
