@@ -11,7 +11,7 @@ One jitted step does what the reference's data loader (negative sampling) and
    (``'gather'`` or ``'dense'`` path), normalise by Z (fixed on the first step);
 3. momentum-update rows ``index`` of both banks.
 
-The banks (and the sampling key) are inputs and donated outputs of the step,
+The banks (and the sampler state) are inputs and donated outputs of the step,
 so they stay on device and are updated in place. Each timed step blocks on
 its outputs (``jax.block_until_ready``). The inputs (labels, ``v1``, ``v2``,
 ``index``) come from ``make_inputs``, numpy only, which
@@ -192,7 +192,6 @@ def main(argv=None):
   mesh = default_mesh("data")
   sampler = build_sampler(n_data=n, nce_k=k, labels=inputs["labels"], dataset="cifar100")
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  tables = jax.device_put(sampler.tables(), rep)
   idx_dev = [jax.device_put(jnp.asarray(inputs["index"][i], jnp.int32), rep) for i in range(n_inputs)]
   v1_dev = [jax.device_put(jnp.asarray(inputs["v1"][i]), rep) for i in range(n_inputs)]
   v2_dev = [jax.device_put(jnp.asarray(inputs["v2"][i]), rep) for i in range(n_inputs)]
@@ -218,23 +217,19 @@ def main(argv=None):
       "auto_path": auto_path, "paths": {},
   }
 
-  # Sampling alone (for the breakdown): same sampler, same key handling.
+  # Sampling alone (for the breakdown): the same sampler and state handling.
   if not args.no_breakdown:
-    @jax.jit
-    def sample_only(key, tables, index):
-      key, sub = jax.random.split(key)
-      return key, sampler.sample(sub, tables, index)
-
-    key = jax.device_put(jax.random.PRNGKey(args.seed + 1), rep)
-    compiled = sample_only.lower(key, tables, idx_dev[0]).compile()
+    sample_only = jax.jit(sampler.sample, donate_argnums=0)
+    state = jax.device_put(sampler.init_state(jax.random.PRNGKey(args.seed + 1)), rep)
+    compiled = sample_only.lower(state, idx_dev[0]).compile()
     for i in range(args.warmup):
-      key, cidx = compiled(key, tables, idx_dev[i % n_inputs])
+      cidx, state = compiled(state, idx_dev[i % n_inputs])
       jax.block_until_ready(cidx)
     times = []
     for r in range(args.repeats):
       for i in range(args.steps):
         t0 = time.perf_counter()
-        key, cidx = compiled(key, tables, idx_dev[i % n_inputs])
+        cidx, state = compiled(state, idx_dev[i % n_inputs])
         jax.block_until_ready(cidx)
         times.append(time.perf_counter() - t0)
     result["sampling_only"] = dict(summarize(times), **_cost(compiled))
@@ -245,18 +240,17 @@ def main(argv=None):
     memory = ContrastMemory(n, d, nce_t=0.07, nce_m=0.5, mesh=mesh, dtype=args.bank_dtype,
                             scoring=path)
 
-    def step(bank, key, tables_or_cidx, v1, v2, index, memory=memory, path=path):
+    def step(bank, state, fixed_cidx, v1, v2, index, memory=memory, path=path):
       if args.sampling == "fixed":
-        contrast_idx = tables_or_cidx  # pre-drawn [B, K+1]; the key is passed through
+        contrast_idx = fixed_cidx  # pre-drawn [B, K+1]; the sampler state is passed through
       else:
-        key, sub = jax.random.split(key)
-        contrast_idx = sampler.sample(sub, tables_or_cidx, index)
+        contrast_idx, state = sampler.sample(state, index)
       out_v1, out_v2, bank = memory(bank, v1, v2, index, contrast_idx, path=path)
-      return bank, key, out_v1, out_v2
+      return bank, state, out_v1, out_v2
 
     step_jit = jax.jit(step, donate_argnums=(0, 1))
     bank = memory.init(jax.random.PRNGKey(args.seed))
-    key = jax.device_put(jax.random.PRNGKey(args.seed + 1), rep)
+    state = jax.device_put(sampler.init_state(jax.random.PRNGKey(args.seed + 1)), rep)
     jax.block_until_ready(bank)
     shard_bytes = sorted({int(s.data.nbytes) for s in bank["memory_v1"].addressable_shards})
     per_device = {}
@@ -268,19 +262,19 @@ def main(argv=None):
       fourth = [jax.device_put(jnp.asarray(c), rep)
                 for c in host_contrast_idx(inputs, k, seed=args.seed + 2)]
     else:
-      fourth = [tables] * n_inputs
+      fourth = [None] * n_inputs
     t0 = time.perf_counter()
-    compiled = step_jit.lower(bank, key, fourth[0], v1_dev[0], v2_dev[0], idx_dev[0]).compile()
+    compiled = step_jit.lower(bank, state, fourth[0], v1_dev[0], v2_dev[0], idx_dev[0]).compile()
     compile_s = time.perf_counter() - t0
     for i in range(args.warmup):
       j = i % n_inputs
-      bank, key, o1, o2 = compiled(bank, key, fourth[j], v1_dev[j], v2_dev[j], idx_dev[j])
+      bank, state, o1, o2 = compiled(bank, state, fourth[j], v1_dev[j], v2_dev[j], idx_dev[j])
       jax.block_until_ready((bank, o1, o2))
     times = []
     for r in range(args.repeats):
       for i in range(args.steps):
         t0 = time.perf_counter()
-        bank, key, o1, o2 = compiled(bank, key, fourth[i], v1_dev[i], v2_dev[i], idx_dev[i])
+        bank, state, o1, o2 = compiled(bank, state, fourth[i], v1_dev[i], v2_dev[i], idx_dev[i])
         jax.block_until_ready((bank, o1, o2))
         times.append(time.perf_counter() - t0)
     finite = bool(np.isfinite(np.asarray(o1)).all() and np.isfinite(np.asarray(o2)).all())

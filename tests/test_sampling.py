@@ -32,12 +32,24 @@ def _fast_compile():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def draws(sampler, index, n_calls, seed=0):
-  """``[n_calls, B, K+1]``: independent calls (one key each) of the sampler."""
-  tables = sampler.tables()
-  keys = jax.random.split(jax.random.PRNGKey(seed), n_calls)
-  fn = jax.jit(jax.vmap(lambda k: sampler.sample(k, tables, jnp.asarray(index))))
-  return np.asarray(fn(keys))
+def draws(sampler, index, n_calls, seed=0, calls_per_state=1):
+  """``[n_calls, B, K+1]``: ``n_calls / calls_per_state`` independent sampler
+  states (one key each), each called ``calls_per_state`` times in a row."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), n_calls // calls_per_state)
+  index = jnp.asarray(index)
+
+  def consecutive(key):
+    def call(state, _):
+      contrast_idx, state = sampler.sample(state, index)
+      return state, contrast_idx
+    return jax.lax.scan(call, sampler.init_state(key), None, length=calls_per_state)[1]
+
+  out = np.asarray(jax.jit(jax.vmap(consecutive))(keys))
+  return out.reshape((-1,) + out.shape[2:])
+
+
+def sample_once(sampler, key, index):
+  return sampler.sample(sampler.init_state(key), jnp.asarray(index))[0]
 
 
 def chi2(counts, expected):
@@ -56,8 +68,7 @@ def test_full_scale_cifar_exact():
   sampler = build_sampler(nce_k=16384, labels=labels)
   assert not sampler.some_short and sampler.mode == "exact"
   index = np.random.default_rng(1).choice(50000, 64, replace=False)
-  out = np.asarray(jax.jit(sampler.sample)(jax.random.PRNGKey(0), sampler.tables(),
-                                           jnp.asarray(index)))
+  out = np.asarray(jax.jit(sample_once, static_argnums=0)(sampler, jax.random.PRNGKey(0), index))
   assert out.shape == (64, 16385) and out.dtype == np.int32
   np.testing.assert_array_equal(out[:, 0], index)              # exact: own index
   neg = out[:, 1:]
@@ -88,12 +99,14 @@ def test_marginal_uniformity_per_slot_and_pooled():
     assert np.all(srt[:, 1:] != srt[:, :-1])
 
 
-def test_ordered_tuples_are_uniform():
+@pytest.mark.parametrize("call", [0, 2])
+def test_ordered_tuples_are_uniform(call):
   """K=2 of M=5 allowed negatives: all 20 ordered pairs equally likely, in
-  batch row 0 and in batch row 2 (rows share the call's permutations)."""
+  batch rows 0 and 2 of a walk's first call and of its third (p=11, B=3:
+  the third call is the walk's last, the fourth redraws it)."""
   labels = np.array([0, 1, 1, 0, 1, 1, 0, 1])
   sampler = build_sampler(nce_k=2, labels=labels)
-  out = draws(sampler, [0, 1, 3], 20000, seed=1)
+  out = draws(sampler, [0, 1, 3], 20000 * 4, seed=1, calls_per_state=4)[call::4]
   comp = np.flatnonzero(labels == 1)
   pairs = [(a, b) for a in comp for b in comp if a != b]
   for row in (0, 2):
@@ -105,17 +118,18 @@ def test_ordered_tuples_are_uniform():
 
 
 def test_rows_overlap_like_independent_draws():
-  """Two rows of one batch (same class, M=400, K=100) share on average
-  K^2/M = 25 negatives with the hypergeometric variance 14.1, as independent
-  draws do."""
+  """Two rows of one batch, or of consecutive calls on one walk (same class,
+  M=400, K=100), share on average K^2/M = 25 negatives with the
+  hypergeometric variance 14.1, as independent draws do."""
   labels = np.repeat(np.arange(3), 200)
   sampler = build_sampler(nce_k=100, labels=labels)
-  out = draws(sampler, [0, 1, 2, 3], 2000, seed=2)
+  out = draws(sampler, [0, 1, 2, 3], 4000, seed=2, calls_per_state=2)
+  first, second = out[0::2], out[1::2]
   m, k = 400, 100
   mean = k * k / m
   var = k * (k / m) * (1 - k / m) * (m - k) / (m - 1)
-  for a, b in ((0, 1), (1, 3)):
-    ov = np.array([len(np.intersect1d(o[a, 1:], o[b, 1:])) for o in out])
+  for x, y, a, b in ((first, first, 0, 1), (first, first, 1, 3), (first, second, 2, 2)):
+    ov = np.array([len(np.intersect1d(o[a, 1:], q[b, 1:])) for o, q in zip(x, y)])
     assert abs(ov.mean() - mean) < 0.5, ov.mean()             # ~6 standard errors
     assert abs(ov.var() - var) < 2.5, ov.var()                 # ~5.5 standard errors
 
@@ -183,14 +197,40 @@ def test_too_few_negatives_warns_once_and_replaces():
 def test_sharded_batch_gives_same_negatives():
   labels = mixed_labels()
   sampler = build_sampler(nce_k=10, labels=labels)
-  tables = sampler.tables()
   mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
   index = jnp.arange(0, 48, 6, dtype=jnp.int32)
+  state = sampler.init_state(jax.random.PRNGKey(9))
   fn = jax.jit(sampler.sample)
-  plain = fn(jax.random.PRNGKey(9), tables, index)
-  sharded = fn(jax.random.PRNGKey(9), jax.device_put(tables, NamedSharding(mesh, P())),
-               jax.device_put(index, NamedSharding(mesh, P("data"))))
+  plain, _ = fn(state, index)
+  sharded, _ = fn(jax.device_put(state, NamedSharding(mesh, P())),
+                  jax.device_put(index, NamedSharding(mesh, P("data"))))
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(sharded))
+
+
+def test_rows_are_the_first_good_values_of_their_walk():
+  """Against a brute-force reading of the state's walk, over 30 calls (p=61,
+  B=8: seven calls per walk, so four redraws): row r of a walk holds, as a
+  set, the first K values < M_b of ``outer[(inner + r) % p]``, mapped onto the
+  anchor's negatives; the cursor counts the walk's rows."""
+  labels = mixed_labels()                                      # M_b = 40 / 35 / 45, K = 30
+  sampler = build_sampler(nce_k=30, labels=labels)
+  p, index = sampler.walk_length, np.arange(0, 60, 7)[:8]
+  state = sampler.init_state(jax.random.PRNGKey(13))
+  fn = jax.jit(sampler.sample)
+  for call in range(30):
+    cursor = int(state["cursor"])
+    cidx, state = fn(state, jnp.asarray(index))
+    walk = {name: np.asarray(a) for name, a in state["walk"].items()}
+    order = np.argsort(labels, kind="stable")                  # the sampler's sorted_idx
+    if int(state["cursor"]) == len(index):
+      cursor = 0                                               # this call drew a new walk
+    assert int(state["cursor"]) == cursor + len(index), call
+    for b, anchor in enumerate(index):
+      values = walk["outer"][(walk["inner"] + cursor + b) % p]
+      negatives = np.flatnonzero(labels != labels[anchor])
+      first_good = values[values < len(negatives)][:30]
+      outside_block = np.flatnonzero(np.isin(order, negatives))  # value q -> q-th of these
+      assert set(np.asarray(cidx)[b, 1:]) == set(order[outside_block[first_good]]), (call, b)
 
 
 def test_bad_configuration_raises():

@@ -13,8 +13,9 @@ Hyper-parameters (``create_method('crd', hparams)``; a dict or ConfigDict):
   order), needed by class-aware on-device sampling (cifar100, tiny-imagenet,
   imagenet); not needed for stl10 or when ``sampling='batch'``. The sampler
   turns it into class tables that live, replicated, in the aux state
-  (collection ``'crd_sampler'``) next to the sampling key, so the loss stays a
-  pure function of its arguments and nothing large is baked into the program.
+  (collection ``'crd_sampler'``) with the sampler's key and walk, so the loss
+  stays a pure function of its arguments and nothing large is baked into the
+  program.
 * ``dataset`` (``'cifar100'``) -- sampling policy, see ``contrast/sampling.py``.
 * ``mode`` (``'exact'``) -- ``'exact'`` | ``'relax'`` positives (reference ``--mode``).
 * ``feat_dim`` (128), ``head`` (``'linear'`` | ``'mlp'`` | ``'pad'``),
@@ -28,7 +29,7 @@ Hyper-parameters (``create_method('crd', hparams)``; a dict or ConfigDict):
   devices), ``mesh_axis`` (``'data'``) -- bank storage and row sharding.
 
 Aux variables from ``init``: ``{'params': {'embed_s', 'embed_t'}, 'contrast':
-{'memory_v1', 'memory_v2', 'z_v1', 'z_v2'}, 'crd_sampler': {'key', tables}}``.
+{'memory_v1', 'memory_v2', 'z_v1', 'z_v2'}, 'crd_sampler': sampler.init_state(..)}``.
 The banks are row-sharded over ``mesh_axis``; keep their sharding when placing
 the train state. ``loss(..., train=False)`` scores without updating anything.
 Metrics: ``crd`` (the loss), ``crd_s``, ``crd_t`` (its two NCE terms).
@@ -60,12 +61,6 @@ DEFAULTS = dict(feat_dim=128, head="linear", nce_k=DEFAULT_NCE_K, nce_t=0.07, nc
 
 def _feature_dim(x) -> int:
   return int(np.prod(x.shape[1:]))
-
-
-def _raw_key(key):
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +111,7 @@ class ContrastSetup:
   def init_sampler_state(self, rng) -> Optional[Dict[str, Any]]:
     if self.sampler is None:
       return None
-    state = dict(self.sampler.tables())
-    state["key"] = _raw_key(rng)
-    return jax.device_put(state, NamedSharding(self.memory.mesh, P()))
+    return jax.device_put(self.sampler.init_state(rng), NamedSharding(self.memory.mesh, P()))
 
   def contrast_indices(self, sampler_state, batch, train: bool
                        ) -> Tuple[jax.Array, Optional[Dict[str, Any]]]:
@@ -131,9 +124,8 @@ class ContrastSetup:
       return contrast_idx, sampler_state
     if self.sampler is None:
       raise ValueError(f"crd with sampling='batch' needs batch['contrast_idx'] [B, nce_k + 1 = {k1}]")
-    key, sub = jax.random.split(sampler_state["key"])
-    contrast_idx = self.sampler.sample(sub, sampler_state, jnp.asarray(batch["index"]))
-    return contrast_idx, (dict(sampler_state, key=key) if train else sampler_state)
+    contrast_idx, advanced = self.sampler.sample(sampler_state, jnp.asarray(batch["index"]))
+    return contrast_idx, (advanced if train else sampler_state)
 
 
 @functools.lru_cache(maxsize=None)

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cktf_jax.contrast import pairing
+from cktf_jax.contrast.sampling import raw_key
 from cktf_jax.methods.base import Method, MethodShapeError, register_method
 from cktf_jax.methods.crd import SAMPLER_COLLECTION, ContrastSetup
 from cktf_jax.models.features import Features
@@ -94,12 +95,6 @@ DEFAULTS = dict(st_method="Last", theta=0.1, beta=DEFAULT_WEIGHTS[2], feat_dim=1
 def head_name(i: int) -> str:
   """The aux key of head ``i`` (the reference's ``criterion_kd[i + 1]``)."""
   return f"crd_{i}"
-
-
-def _raw_key(key):
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return key
 
 
 def _describe(feats: Features) -> str:
@@ -154,7 +149,7 @@ def make_crdst(hparams: Mapping[str, Any]) -> Method:
       variables[SAMPLER_COLLECTION] = sampler_state
     if st_method == "Random":
       variables[RNG_COLLECTION] = jax.device_put(
-          {"key": _raw_key(k_st)}, setup.memory.replicated)
+          {"key": raw_key(k_st)}, setup.memory.replicated)
     return variables
 
   def pairs_of(feats_s, feats_t, key, mask) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
