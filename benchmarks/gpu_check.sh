@@ -15,7 +15,8 @@
 #      the data are synthetic.
 #   1. env.txt (date, uname, python, jax/jaxlib/flax/optax versions, devices),
 #      nvidia-smi.txt (nvidia-smi, its CSV query and -q), pip-freeze.txt;
-#   2. phase "cktf":   CKTF resnet32x4 -> resnet8x4 at batch 64, the step and
+#   2. phase "cktf":   CKTF resnet32x4 -> resnet8x4 at batch 64, the step, the
+#      step run 16 per host call (train.steps_per_call, the 240-epoch estimate),
 #      each of its parts, plus a jax.profiler trace (OUT/profile/);
 #   3. phase "sweep":  the largest batch that fits, trying 64, 256, 1024, 4096
 #      and stopping at the first failure (OOM), for CKTF, KD and vanilla
@@ -144,13 +145,14 @@ log "environment: $(grep -E '^(jax|backend):' "$OUT_DIR/env.txt" | tr '\n' ' ')"
 TP=("$PY" "$REPO/benchmarks/throughput.py" --config "$REPO/configs/cifar100_cktf.py")
 if [ "$DRY_RUN" = "1" ]; then
   COMMON=(--tiny --steps 2 --part_steps 2 --warmup 1)
-  CKTF=(--matrix=crd:resnet5:resnet5:8 --parts --profile_steps 1)
+  CKTF=(--matrix=crd:resnet5:resnet5:8 --parts --profile_steps 1 --config.train.steps_per_call=2)
   SWEEP=(--sweep_matrix=vanilla:resnet5:resnet5:8 --batch_sweep=8,16 --noparts)
   MATRIX=(--matrix=kd:resnet5:resnet5:8 --noparts)
   LIMITS=(120 60 60)
 else
   COMMON=(--warmup 5 --sync_every 10)
-  CKTF=(--matrix=crdst:resnet32x4:resnet8x4:64 --parts --steps 100 --part_steps 30 --profile_steps 5)
+  CKTF=(--matrix=crdst:resnet32x4:resnet8x4:64 --parts --steps 96 --part_steps 30 --profile_steps 5
+        --config.train.steps_per_call=16)
   SWEEP=(--sweep_matrix=crdst:resnet32x4:resnet8x4:64,kd:resnet32x4:resnet8x4:64,vanilla:resnet32x4:resnet8x4:64,crdst:vgg19:vgg8:64:float32:tiny_imagenet
          --batch_sweep=64,256,1024,4096 --noparts --steps 50 --time_budget_s 100)
   MATRIX=(--matrix=paper --noparts --steps 50 --time_budget_s 140)

@@ -505,9 +505,9 @@ def run_case(case, base_config, peaks, results_dir_profile):
   step_options = {}
   if "skip_nonfinite" in inspect.signature(step_lib.make_train_step).parameters:
     step_options["skip_nonfinite"] = bool(cfg.train.skip_nonfinite)
-  step_jit = jax.jit(step_lib.make_train_step(student, tx, weights, teacher, method,
-                                              method2=method2, **step_options),
-                     donate_argnums=(0,), out_shardings=(shardings, replicated))
+  step_fn = step_lib.make_train_step(student, tx, weights, teacher, method, method2=method2,
+                                     **step_options)
+  step_jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, replicated))
   out["setup_s"] = time.perf_counter() - t_setup
 
   t0 = time.perf_counter()
@@ -553,6 +553,14 @@ def run_case(case, base_config, peaks, results_dir_profile):
         f"{out['images_per_s']:.1f} img/s, {out['flops'] / 1e9:.2f} GFLOP, "
         f"floor {out['floor'].get('pct_of_floor', float('nan')):.1f}%", file=sys.stderr, flush=True)
 
+  spc = int(cfg.train.steps_per_call)
+  if spc > 1:
+    out["multi_step"], state = time_multi_step(step_lib, loader, step_fn, spc, state,
+                                               teacher_variables, shardings, replicated, b)
+    print(f"{out['case']}: {spc} steps per call: compile {out['multi_step']['compile_s']:.1f} s, "
+          f"step {fmt_ms(out['multi_step']['step'])} ms, "
+          f"{out['multi_step']['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+
   if results_dir_profile:
     trace_dir = os.path.join(results_dir_profile, re.sub(r"[^A-Za-z0-9_.+-]", "_", out["case"]))
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -572,6 +580,33 @@ def run_case(case, base_config, peaks, results_dir_profile):
   del state, compiled, metrics
   out["loadavg_end"] = list(os.getloadavg())
   return out
+
+
+def time_multi_step(step_lib, loader, step_fn, steps_per_call, state, teacher_variables,
+                    shardings, replicated, batch_size):
+  """``config.train.steps_per_call`` steps per host call (``make_multi_step``,
+  the batches made on device inside one ``lax.scan``), as the train loop runs
+  them: per-step time = call time / steps_per_call. Returns (entry, state)."""
+  import jax
+  multi = jax.jit(step_lib.make_multi_step(step_fn, loader.batch_at, steps_per_call),
+                  donate_argnums=(0,), out_shardings=(shardings, replicated))
+  data = loader.step_data(0)
+  firsts = list(range(0, loader.steps_per_epoch - steps_per_call + 1, steps_per_call)) or [0]
+  t0 = time.perf_counter()
+  compiled = multi.lower(state, teacher_variables, data, 0, 0).compile()
+  compile_s = time.perf_counter() - t0
+  calls = max(1, FLAGS.steps // steps_per_call)
+  times, metrics = [], None
+  for i in range(max(1, FLAGS.warmup // steps_per_call) + calls):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, teacher_variables, data, firsts[i % len(firsts)], 0)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t0) / steps_per_call)
+  times = times[-calls:]
+  entry = {"steps_per_call": steps_per_call, "calls": calls, "compile_s": compile_s,
+           "step": stats(times), "images_per_s": batch_size / stats(times)["median_s"],
+           "loss_finite": all(math.isfinite(float(x)) for x in jax.device_get(metrics["loss"]))}
+  return entry, state
 
 
 def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, method, method2,
@@ -829,6 +864,18 @@ def markdown(result):
         f"{_ms(fl.get('floor_s'))} ({_ms(fl.get('compute_floor_s'))}, "
         f"{_ms(fl.get('memory_floor_s'))}) | {fl.get('pct_of_floor', float('nan')):.1f}% | "
         f"{_bytes(c.get('peak_bytes_in_use'))} |")
+  multi = [c for c in result["cases"] if c["status"] == "ok" and c.get("multi_step")]
+  if multi:
+    lines += ["", "Several steps per host call (config.train.steps_per_call, the batches made "
+              "on device in one lax.scan); a 240-epoch run = 240 x n_data // batch steps at "
+              "this step time:", "",
+              "| case | steps/call | compile s | step ms | img/s | 240 epochs |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for c in multi:
+      e = c["multi_step"]
+      run_s = 240 * (c["n_data"] // c["batch"]) * e["step"]["median_s"]
+      lines.append(f"| {c['case']} | {e['steps_per_call']} | {e['compile_s']:.1f} | "
+                   f"{fmt_ms(e['step'])} | {e['images_per_s']:.1f} | {run_s / 60:.1f} min |")
   if result.get("largest_batch"):
     lines += ["", "Largest batch that ran (--batch_sweep " +
               ",".join(str(b) for b in result["settings"]["batch_sweep"]) + "):", "",

@@ -63,6 +63,10 @@ def test_dry_run_writes_every_number(dry_run):
   assert set(PARTS) <= set(cktf["parts"]), sorted(cktf["parts"])
   for name in PARTS:
     assert _positive(cktf["parts"][name]["median_s"]), name
+  multi = cktf["multi_step"]                                   # --config.train.steps_per_call=2
+  assert multi["steps_per_call"] == 2 and multi["loss_finite"] is True
+  assert _positive(multi["step"]["median_s"]) and _positive(multi["images_per_s"])
+  assert "Several steps per host call" in summary
   sweep = json.loads((dry_run / "sweep.json").read_text())
   assert [c["batch"] for c in sweep["cases"]] == [8, 16]
   (largest,) = sweep["largest_batch"].values()
