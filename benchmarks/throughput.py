@@ -434,7 +434,7 @@ def run_case(case, base_config, peaks, results_dir_profile):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from cktf_jax import models
+  from cktf_jax import models, xla_options
   from cktf_jax.data import augment, pipeline
   from cktf_jax.train import loop, step as step_lib
 
@@ -507,7 +507,7 @@ def run_case(case, base_config, peaks, results_dir_profile):
     step_options["skip_nonfinite"] = bool(cfg.train.skip_nonfinite)
   step_fn = step_lib.make_train_step(student, tx, weights, teacher, method, method2=method2,
                                      **step_options)
-  step_jit = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, replicated))
+  step_jit = xla_options.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, replicated))
   out["setup_s"] = time.perf_counter() - t_setup
 
   t0 = time.perf_counter()
@@ -588,8 +588,9 @@ def time_multi_step(step_lib, loader, step_fn, steps_per_call, state, teacher_va
   the batches made on device inside one ``lax.scan``), as the train loop runs
   them: per-step time = call time / steps_per_call. Returns (entry, state)."""
   import jax
-  multi = jax.jit(step_lib.make_multi_step(step_fn, loader.batch_at, steps_per_call),
-                  donate_argnums=(0,), out_shardings=(shardings, replicated))
+  from cktf_jax import xla_options
+  multi = xla_options.jit(step_lib.make_multi_step(step_fn, loader.batch_at, steps_per_call),
+                          donate_argnums=(0,), out_shardings=(shardings, replicated))
   data = loader.step_data(0)
   firsts = list(range(0, loader.steps_per_epoch - steps_per_call + 1, steps_per_call)) or [0]
   t0 = time.perf_counter()
@@ -616,6 +617,7 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
   import jax.numpy as jnp
   import optax
 
+  from cktf_jax import xla_options
   from cktf_jax.data import augment, pipeline
   from cktf_jax.losses.kd import distill_kl
   from cktf_jax.methods.crd import ContrastSetup
@@ -649,10 +651,10 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
   del split, kernel_args
   images, labels, mask = batch["image"], batch["label"], batch["mask"]
   student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats}
-  feats_s = jax.jit(lambda v, x: student.apply(v, x, train=False))(student_vars, images)
+  feats_s = xla_options.jit(lambda v, x: student.apply(v, x, train=False))(student_vars, images)
 
   if teacher is not None:
-    fwd = jax.jit(lambda v, x: teacher.apply(v, x, train=False))
+    fwd = xla_options.jit(lambda v, x: teacher.apply(v, x, train=False))
     c, cs = aot(fwd, teacher_variables, images)
     record("teacher_fwd", time_calls(jax, lambda: c(teacher_variables, images), n), c, cs)
     feats_t = c(teacher_variables, images)
@@ -664,7 +666,7 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
       return step_lib.cross_entropy(feats.logits, labels, mask), new["batch_stats"]
     return jax.grad(f, has_aux=True)(params)
 
-  sfb = jax.jit(student_fwdbwd)
+  sfb = xla_options.jit(student_fwdbwd)
   args = (state.params["student"], state.batch_stats, images, labels, mask)
   c, cs = aot(sfb, *args)
   record("student_fwdbwd", time_calls(jax, lambda: c(*args), n), c, cs)
@@ -679,7 +681,7 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
   if sampler_state is not None and contrast_cfg is not None:
     hparams = dict(contrast_cfg.to_dict(), **loop.method_context(cfg, train_set, mesh))
     setup = ContrastSetup.from_hparams(hparams)
-    sample = jax.jit(lambda st, idx: setup.contrast_indices(st, {"index": idx}, True))
+    sample = xla_options.jit(lambda st, idx: setup.contrast_indices(st, {"index": idx}, True))
     c, cs = aot(sample, sampler_state, batch["index"])
     st_holder = [sampler_state]
 
@@ -703,7 +705,7 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
           outs.append((o1, o2))
         return new, outs
 
-      mem_jit = jax.jit(score_update, donate_argnums=(0,))
+      mem_jit = xla_options.jit(score_update, donate_argnums=(0,))
       holder = [copy_tree(banks)]
       c, cs = aot(mem_jit, holder[0], v[0], v[1], batch["index"], contrast_idx)
 
@@ -743,7 +745,7 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
     loss, new_aux = total_loss(aux_params, feats_s, aux_state, feats_t, batch)
     return new_aux, loss
 
-  loss_jit = jax.jit(losses, donate_argnums=(1,))
+  loss_jit = xla_options.jit(losses, donate_argnums=(1,))
   aux_holder = [copy_tree(state.aux_state)]
   ft = feats_t if teacher is not None else None
   c, cs = aot(loss_jit, state.params["aux"], aux_holder[0], feats_s, ft, loss_batch)
@@ -754,7 +756,7 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
 
   record("losses", time_calls(jax, loss_call, n), c, cs)
 
-  fwd_jit = jax.jit(losses_forward, donate_argnums=(1,))
+  fwd_jit = xla_options.jit(losses_forward, donate_argnums=(1,))
   c, cs = aot(fwd_jit, state.params["aux"], aux_holder[0], feats_s, ft, loss_batch)
 
   def fwd_call():
@@ -770,7 +772,7 @@ def time_parts(cfg, out, state, teacher_variables, stream, student, teacher, met
     return optax.apply_updates(params, updates), opt_state
 
   grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), state.params)
-  opt_jit = jax.jit(opt_update, donate_argnums=(0, 1))
+  opt_jit = xla_options.jit(opt_update, donate_argnums=(0, 1))
   holder = [copy_tree(state.params), copy_tree(state.opt_state)]
   c, cs = aot(opt_jit, holder[0], holder[1], grads)
 

@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cktf_jax import data, distributed, methods, models
+from cktf_jax import data, distributed, methods, models, xla_options
 from cktf_jax.config import ConfigError
 from cktf_jax.data import augment, pipeline
 from cktf_jax.models import convert
@@ -284,7 +284,7 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str, student, teach
   pre_state = place_state(state.replace(step=jnp.zeros((), jnp.int32),
                                    opt_state=tx.init(state.params)), mesh)
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, pre_state)
-  pretrain_step = jax.jit(
+  pretrain_step = xla_options.jit(
       step_lib.make_pretrain_step(student, tx, teacher, method, method2=method2),
       out_shardings=(shardings, NamedSharding(mesh, P())))
   steps = train_loader.steps_per_epoch
@@ -504,15 +504,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
 
   step_fn = step_lib.make_train_step(model, tx, weights, teacher, method, method2=method2,
                                      skip_nonfinite=config.train.skip_nonfinite)
-  train_step = jax.jit(step_fn, donate_argnums=(0,),
-                       out_shardings=(state_shardings, replicated))
+  train_step = xla_options.jit(step_fn, donate_argnums=(0,),
+                               out_shardings=(state_shardings, replicated))
   k = config.train.steps_per_call
-  multi_step = None if k == 1 else jax.jit(
+  multi_step = None if k == 1 else xla_options.jit(
       step_lib.make_multi_step(step_fn, train_loader.batch_at, k), donate_argnums=(0,),
       out_shardings=(state_shardings, replicated))
-  eval_step = jax.jit(step_lib.make_eval_step(model))
+  eval_step = xla_options.jit(step_lib.make_eval_step(model))
   if teacher is not None:
-    teacher_eval = evaluate(jax.jit(step_lib.make_eval_step(teacher)), teacher_variables,
+    teacher_eval = evaluate(xla_options.jit(step_lib.make_eval_step(teacher)), teacher_variables,
                             test_loader)
     print(f"teacher {config.teacher.model}: test top-1 {teacher_eval['test_top1']:.2f}%")
 
@@ -620,7 +620,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str
   variables = distributed.global_tree(variables, NamedSharding(mesh, P()))
   result = {"checkpoint": os.path.abspath(path), "model": meta["model"],
             "dataset": config.dataset.name, "num_examples": test_loader.num_examples,
-            **evaluate(jax.jit(step_lib.make_eval_step(model)), variables, test_loader)}
+            **evaluate(xla_options.jit(step_lib.make_eval_step(model)), variables, test_loader)}
   print(f"{meta['model']} on {config.dataset.name} test ({result['num_examples']} images): "
         f"top-1 {result['test_top1']:.2f}%  top-5 {result['test_top5']:.2f}%")
   if workdir and distributed.is_writer():
