@@ -2,11 +2,11 @@
 
 CPU backend only: XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK
 (``ynn_fusion`` ops in a profile), whose filter-gradient path is an order of
-magnitude slower than XLA's own convolution: the weight gradient of a 3x3,
-64-channel convolution at batch 64, 32x32 took 1.2-2.1 s with the default and
-0.1 s with YNNPACK kept to dots (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``), and a
-CKTF resnet32x4 -> resnet8x4 step went from 5.2 s to 3.9 s (docs/BENCHMARKS.md,
-"XLA:CPU options"). Dots keep YNNPACK, which is the fast path for them.
+magnitude slower than XLA's own convolution: in a CPU profile of the CKTF
+resnet32x4 -> resnet8x4 step, one 3x3, 64-channel filter gradient took 2.0 s of
+the 5.2 s step. With YNNPACK kept to dots (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``)
+the student's forward + backward went from 3.1 s to 1.2 s (docs/BENCHMARKS.md,
+"Session 3"). Dots keep YNNPACK, their fast path.
 
 The options go through ``jax.jit(..., compiler_options=...)``, not
 ``XLA_FLAGS``: an option this jaxlib does not know is then a compile error we

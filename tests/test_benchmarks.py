@@ -78,3 +78,14 @@ def test_profile_trace_written(dry_run):
   assert traces and all(os.path.getsize(t) > 0 for t in traces), os.listdir(dry_run / "profile")
   case = json.loads((dry_run / "cktf.json").read_text())["cases"][0]
   assert any(p.endswith(".xplane.pb") for p in case["profile"])
+
+
+def test_trace_top_lists_the_traced_ops(dry_run):
+  """benchmarks/trace_top.py on that trace: the step's XLA ops, by time."""
+  proc = subprocess.run(["python", str(ROOT / "benchmarks" / "trace_top.py"),
+                         str(dry_run / "profile"), "--top", "3"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert "op events" in lines[0] and lines[1].startswith("by kind: ")
+  assert len([line for line in lines if line.startswith("  ") and " ms  x" in line]) == 3
