@@ -331,6 +331,28 @@ def test_no_intact_checkpoint_is_an_error_and_nothing_is_changed(tmp_path):
   assert issubclass(checkpoints_lib.StateCheckpointError, torch_checkpoint.CheckpointError)
 
 
+@flax.struct.dataclass
+class TinyStateWithWalk:
+  step: jax.Array
+  weights: jax.Array
+  bank: jax.Array
+  walk: jax.Array  # a field the writing version did not have
+
+
+def test_a_checkpoint_of_another_state_layout_is_named_not_moved(tmp_path, capsys):
+  _two_checkpoints(tmp_path)
+  before = _files(tmp_path)
+  state = _tiny_state(0)
+  other = TinyStateWithWalk(step=state.step, weights=state.weights, bank=state.bank,
+                            walk=jnp.zeros((3,), jnp.int32))
+  with pytest.raises(checkpoints_lib.StateCheckpointError,
+                     match=rf"^checkpoint {tmp_path}/checkpoints/2 holds a train state of another "
+                           r"layout than this run's .* nothing was changed"):
+    checkpoints_lib.StateCheckpoints(str(tmp_path)).restore_latest(other)
+  assert _files(tmp_path) == before
+  assert "damaged" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("error, surfaces_at, message", [
     (errno.ENOSPC, "wait", "no space left on device while writing checkpoint at step 3 to "
      "{ckpts}/3; existing checkpoints are intact"),

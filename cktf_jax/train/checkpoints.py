@@ -55,6 +55,11 @@ def _checksums(state, best: Dict[str, Any]) -> Dict[str, Any]:
   return {"state": checksums.tree_checksums(state), "best": _best_crc(best)}
 
 
+# orbax's words when the saved tree and the state to restore differ in structure: an intact
+# checkpoint of another train-state layout, not damage (nothing is moved aside).
+LAYOUT_MISMATCH = "tree structures do not match"
+
+
 def _reason(error: BaseException) -> str:
   """The first line of the exception ``error`` came from, shortened."""
   while error.__cause__ is not None:
@@ -120,6 +125,12 @@ class StateCheckpoints:
             checksums=ocp.args.JsonRestore()))
         self._verify(restored)
       except Exception as e:  # orbax and tensorstore raise many types for damaged data
+        if LAYOUT_MISMATCH in str(e):
+          raise StateCheckpointError(
+              f"checkpoint {self.path(step)} holds a train state of another layout than this "
+              f"run's ({_reason(e)}): it was written by another cktf_jax version (for example "
+              f"one before the CRD sampler kept its walk in the state); nothing was changed: "
+              f"resume it with that version, or use a new --workdir") from e
         print(f"warning: checkpoint {self.path(step)} is damaged ({_reason(e)})",
               file=sys.stderr)
         damaged.append((step, _reason(e)))
