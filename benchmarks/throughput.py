@@ -593,17 +593,20 @@ def time_multi_step(step_lib, loader, step_fn, steps_per_call, state, teacher_va
                           donate_argnums=(0,), out_shardings=(shardings, replicated))
   data = loader.step_data(0)
   firsts = list(range(0, loader.steps_per_epoch - steps_per_call + 1, steps_per_call)) or [0]
-  t0 = time.perf_counter()
-  compiled = multi.lower(state, teacher_variables, data, 0, 0).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, compile_s = aot(multi, state, teacher_variables, data, 0, 0)
+  holder = {"state": state, "metrics": None, "calls": 0}
+
+  def call():
+    first = firsts[holder["calls"] % len(firsts)]
+    holder["state"], holder["metrics"] = compiled(holder["state"], teacher_variables, data,
+                                                  first, 0)
+    holder["calls"] += 1
+    return holder["state"], holder["metrics"]
+
   calls = max(1, FLAGS.steps // steps_per_call)
-  times, metrics = [], None
-  for i in range(max(1, FLAGS.warmup // steps_per_call) + calls):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, teacher_variables, data, firsts[i % len(firsts)], 0)
-    jax.block_until_ready((state, metrics))
-    times.append((time.perf_counter() - t0) / steps_per_call)
-  times = times[-calls:]
+  times = [t / steps_per_call for t in time_calls(jax, call, calls,
+                                                  warmup=max(1, FLAGS.warmup // steps_per_call))]
+  state, metrics = holder["state"], holder["metrics"]
   entry = {"steps_per_call": steps_per_call, "calls": calls, "compile_s": compile_s,
            "step": stats(times), "images_per_s": batch_size / stats(times)["median_s"],
            "loss_finite": all(math.isfinite(float(x)) for x in jax.device_get(metrics["loss"]))}

@@ -5,7 +5,7 @@
 On scikit-learn's handwritten digits (1437 train / 360 test images, shipped
 with scikit-learn, no download) it trains a resnet8 teacher, then a resnet5
 student without KD, with KD, CRD and CKTF, and prints their top-1 accuracies
-in one table with the checkpoint locations. About 4-5 minutes on a 2-core CPU;
+in one table with the checkpoint locations. About 3-4 minutes on a 2-core CPU;
 a second call reuses the finished runs.
 
 `--config.mode=summary` only prints the two models' sizes (no training).

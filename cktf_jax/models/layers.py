@@ -135,9 +135,9 @@ def avg_pool(x: Array, window: IntOrPair, stride: Optional[IntOrPair] = None,
   if not ceil_mode and (kh, kw) == (sh, sw):
     # Non-overlapping windows: a reshape and a mean, whose gradient is a
     # broadcast. (``nn.avg_pool``'s gradient is a reduce-window over the
-    # 8x-dilated cotangent: 64x the work for the 8x8 pools, ~0.6 s of a CPU
-    # CKTF step.) The rows and columns past the last full window are dropped,
-    # as VALID pooling does.
+    # 8x-dilated cotangent: 64x the work for the 8x8 pools, 0.7 s of op time
+    # in a CPU CKTF step's profile.) The rows and columns past the last full
+    # window are dropped, as VALID pooling does.
     b, h, w, c = x.shape
     oh, ow = h // kh, w // kw
     x = x[:, :oh * kh, :ow * kw]

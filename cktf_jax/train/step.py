@@ -242,8 +242,9 @@ def make_multi_step(train_step, batch_at, num_steps: int):
   ``[num_steps]`` axis. The host is out of the loop for ``num_steps`` steps.
 
   On the CPU backend the scan is fully unrolled: XLA:CPU runs convolutions
-  inside a while loop on a slow path (jax-ml/jax#12868; measured here 8-15x
-  per step), so a rolled loop would cost more than the dispatch it saves."""
+  inside a while loop on a slow path (jax-ml/jax#12868; ~9x per step here,
+  docs/BENCHMARKS.md "Session 3"), so a rolled loop would cost more than the
+  dispatch it saves."""
   unroll = num_steps if jax.default_backend() == "cpu" else 1
 
   def multi_step(state: TrainState, teacher_variables, data, first_step, epoch):
